@@ -1,0 +1,1 @@
+"""AgentPRM Serve: the HTTP service (service.api) over the scoring engine (service.engine)."""

@@ -1,0 +1,1 @@
+"""The scoring engine: rendering, scheduling, running the PRM, post-processing. It knows nothing about HTTP."""

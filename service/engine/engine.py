@@ -1,0 +1,203 @@
+"""PRMEngine: the torch implementation of EngineClient.
+
+Request -> render (segment-wise, template from the manifest) -> ScoreJobs (ids + readout positions) ->
+scheduler (dynamic batches, worker thread) -> runner -> promises -> post-processing. One forward pass per
+trajectory scores every step. Validation errors are `InvalidInput` naming the offending item.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.engine import postprocess
+from service.engine.client import EngineClient
+from service.engine.errors import InvalidInput, UnknownModel
+from service.engine.prm import LoadedPRM, load_prm
+from service.engine.render import Renderer
+from service.engine.runner import ScoreJob, TorchRunner, default_dtype, pick_device
+from service.engine.scheduler import Scheduler, SchedulerConfig
+from service.engine.types import (AGGREGATES, Beam, ExpandOutput, Health, ModelInfo, RankedCandidate, RerankOutput,
+                                  ScoreOutput, Selection, Step, Trajectory, TrajectoryScore, Usage)
+from service.metrics import Metrics
+
+log = logging.getLogger("agentprm.engine")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 5.0
+    max_queue_jobs: int = 4096
+    max_queue_tokens: int = 1 << 20
+    max_forward_tokens: int = 8192
+    max_trajectories: int = 256
+    max_candidates: int = 512
+
+
+class PRMEngine(EngineClient):
+    def __init__(self, loaded: LoadedPRM, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None,
+                 device: torch.device | None = None):
+        self.loaded = loaded
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.manifest = loaded.manifest
+        self.device = device or next(loaded.model.parameters()).device
+        self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
+        pad_id = loaded.model.backbone.config.pad_token_id or 0
+        self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
+                                  max_forward_tokens=config.max_forward_tokens)
+        self.scheduler = Scheduler(
+            self.runner.run_batch,
+            SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_wait_s=config.max_wait_ms / 1000,
+                            max_queue_jobs=config.max_queue_jobs, max_queue_tokens=config.max_queue_tokens),
+            on_batch=self._record_batch,
+        )
+        self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
+        self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
+        m = self.manifest
+        self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
+                              aliases=("default",), method=m.training.method, created_at=m.created_at)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, config: EngineConfig = EngineConfig(),
+                        metrics: Metrics | None = None) -> "PRMEngine":
+        device = pick_device(config.device)
+        loaded = load_prm(path, device=device, dtype=default_dtype(device))
+        return cls(loaded, config, metrics, device)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.scheduler.start()
+        self.metrics.ready.set(1)
+
+    async def shutdown(self) -> None:
+        self.metrics.ready.set(0)
+        await self.scheduler.stop()
+
+    async def check_health(self) -> Health:
+        alive = self.scheduler.alive
+        return Health(live=alive, ready=alive, detail="ok" if alive else "engine not running")
+
+    def models(self) -> list[ModelInfo]:
+        return [self.info]
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> str:
+        if model in (None, "", "default", self.info.name, self.info.ref):
+            return self.info.ref
+        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} (alias 'default')")
+
+    def _check_length(self, ids, what: str) -> None:
+        limit = self.manifest.max_seq_len
+        if len(ids) > limit:
+            raise InvalidInput(f"{what} is {len(ids)} tokens long; this model accepts at most {limit}")
+
+    def _record_batch(self, jobs: list[ScoreJob], seconds: float) -> None:
+        stats = self.runner.last_stats
+        m = self.metrics
+        m.batch_size.observe(len(jobs))
+        m.batch_tokens.observe(stats.padded_tokens)
+        m.batch_duration.observe(seconds)
+        m.tokens_computed.inc(stats.tokens)
+
+    def _usage(self, jobs: list[ScoreJob]) -> Usage:
+        tokens = sum(len(j.ids) for j in jobs)
+        self.metrics.prompt_tokens.inc(tokens)
+        return Usage(prompt_tokens=tokens, computed_tokens=tokens, cached_tokens=0)
+
+    async def _run(self, jobs: list[ScoreJob], request_id: str) -> list[np.ndarray]:
+        return await self.scheduler.submit(jobs, tag=request_id)
+
+    def _trajectory_job(self, trajectory: Trajectory, what: str) -> ScoreJob:
+        if not trajectory.steps:
+            raise InvalidInput(f"{what} has no steps")
+        rendered = self.renderer.render(trajectory)
+        self._check_length(rendered.ids, what)
+        return ScoreJob(rendered.ids, rendered.readouts)
+
+    def _trajectory_scores(self, outputs: list[np.ndarray], aggregate: str) -> list[TrajectoryScore]:
+        results = []
+        for out in outputs:
+            initial, promises = float(out[0]), [float(x) for x in out[1:]]
+            results.append(TrajectoryScore(score=postprocess.aggregate(promises, aggregate), initial_value=initial,
+                                           steps=postprocess.step_scores(promises, initial)))
+        self.metrics.steps_scored.inc(sum(len(o) - 1 for o in outputs))
+        return results
+
+    @staticmethod
+    def _check_aggregate(aggregate: str) -> None:
+        if aggregate not in AGGREGATES:
+            raise InvalidInput(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+
+    # -- routes ----------------------------------------------------------------------------------
+    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = "last",
+                    request_id: str = "") -> ScoreOutput:
+        ref = self._check_model(model)
+        self._check_aggregate(aggregate)
+        if not trajectories:
+            raise InvalidInput("trajectories is empty")
+        if len(trajectories) > self.config.max_trajectories:
+            raise InvalidInput(f"{len(trajectories)} trajectories in one request; the limit is "
+                               f"{self.config.max_trajectories}")
+        jobs = [self._trajectory_job(t, f"trajectories[{i}]") for i, t in enumerate(trajectories)]
+        outputs = await self._run(jobs, request_id)
+        return ScoreOutput(ref, tuple(self._trajectory_scores(outputs, aggregate)), self._usage(jobs))
+
+    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]], aggregate: str = "last",
+                     top_n: int | None = None, request_id: str = "") -> RerankOutput:
+        ref = self._check_model(model)
+        self._check_aggregate(aggregate)
+        if not candidates:
+            raise InvalidInput("candidates is empty")
+        if len(candidates) > self.config.max_candidates:
+            raise InvalidInput(f"{len(candidates)} candidates; the limit is {self.config.max_candidates}")
+        if top_n is not None and top_n < 1:
+            raise InvalidInput("top_n must be at least 1")
+        jobs = [self._trajectory_job(Trajectory(task, tuple(steps)), f"candidates[{i}]")
+                for i, steps in enumerate(candidates)]
+        outputs = await self._run(jobs, request_id)
+        scored = self._trajectory_scores(outputs, aggregate)
+        order = postprocess.rank([s.score for s in scored], top_n)
+        results = tuple(RankedCandidate(index=i, score=scored[i].score, initial_value=scored[i].initial_value,
+                                        steps=scored[i].steps) for i in order)
+        return RerankOutput(ref, results, self._usage(jobs))
+
+    async def expand(self, model: str, beams: list[Beam], beam_width: int, request_id: str = "") -> ExpandOutput:
+        ref = self._check_model(model)
+        if not beams:
+            raise InvalidInput("beams is empty")
+        if beam_width < 1:
+            raise InvalidInput("beam_width must be at least 1")
+        total = sum(len(b.candidates) for b in beams)
+        if total > self.config.max_candidates:
+            raise InvalidInput(f"{total} candidates across beams; the limit is {self.config.max_candidates}")
+        jobs: list[ScoreJob] = []
+        for b, beam in enumerate(beams):
+            if not beam.candidates:
+                raise InvalidInput(f"beams[{b}].candidates is empty")
+            base = self.renderer.render_steps(beam.trajectory.task, beam.trajectory.steps, beam.observation)
+            baseline = base.step_readouts[-1] if base.step_readouts else base.state_readout
+            for c, action in enumerate(beam.candidates):
+                ids = base.ids + self.renderer.action_segment(action)
+                self._check_length(ids, f"beams[{b}] with candidates[{c}]")
+                jobs.append(ScoreJob(ids, (baseline, len(ids) - 1)))
+        outputs = iter(await self._run(jobs, request_id))
+        per_beam = []
+        flat: list[Selection] = []
+        for b, beam in enumerate(beams):
+            scores = []
+            for c in range(len(beam.candidates)):
+                before, promise = (float(x) for x in next(outputs))
+                step = postprocess.step_scores([promise], before)[0]
+                scores.append(step)
+                flat.append(Selection(beam=b, candidate=c, promise=step.promise, progress=step.progress))
+            per_beam.append(tuple(scores))
+        self.metrics.steps_scored.inc(len(jobs))
+        order = postprocess.rank([s.promise for s in flat], beam_width)
+        return ExpandOutput(ref, tuple(per_beam), tuple(flat[i] for i in order), self._usage(jobs))
