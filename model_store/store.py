@@ -57,7 +57,9 @@ class ModelStore:
                 manifest = read_manifest(manifest_path.parent)
             except CheckpointError:
                 continue
-            found.append(StoreEntry(manifest.name, manifest.version, manifest_path.parent, manifest))
+            # Addressed by folder names (STORE/name/version), which is what `resolve` reads.
+            found.append(StoreEntry(manifest_path.parent.parent.name, manifest_path.parent.name, manifest_path.parent,
+                                    manifest))
         return sorted(found, key=lambda e: (e.name, _version_key(e.version)))
 
     def resolve(self, ref: str) -> Path:

@@ -1,0 +1,1 @@
+"""Benchmarks: workloads, peers and reports (bench/RESULTS.md)."""

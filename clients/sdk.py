@@ -1,0 +1,187 @@
+"""Typed SDK: requests and responses are the server's protocol models; errors carry the server's message.
+
+Retries: connection errors, 429 and 503 are retried with exponential backoff (honouring Retry-After),
+up to `max_retries` times; every other error is raised at once as `PRMError(message, code, type)`.
+Scoring is idempotent, so a retried request can never double-count anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import httpx
+
+from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelList, RerankRequest, RerankResponse,
+                                  ScoreRequest, ScoreResponse)
+
+RETRY_STATUS = (429, 503)
+
+
+class PRMError(Exception):
+    def __init__(self, message: str, code: int, type: str = "error"):
+        super().__init__(f"{code} {type}: {message}")
+        self.message = message
+        self.code = code
+        self.type = type
+
+
+def _error_from(response: httpx.Response) -> PRMError:
+    try:
+        body = response.json()["error"]
+        return PRMError(body.get("message", response.text), body.get("code", response.status_code),
+                        body.get("type", "error"))
+    except (ValueError, KeyError, TypeError):
+        return PRMError(response.text or response.reason_phrase, response.status_code, "http_error")
+
+
+def _backoff(attempt: int, response: httpx.Response | None, base: float, cap: float) -> float:
+    if response is not None and response.headers.get("retry-after", "").isdigit():
+        return min(cap, float(response.headers["retry-after"]))
+    return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
+
+
+def _as_dicts(items: Iterable[Any]) -> list:
+    return [i.model_dump() if hasattr(i, "model_dump") else i for i in items]
+
+
+def _score_body(trajectories, aggregate, model) -> dict:
+    return ScoreRequest.model_validate({"model": model, "trajectories": _as_dicts(trajectories),
+                                        "aggregate": aggregate}).model_dump()
+
+
+def _rerank_body(task, candidates, aggregate, top_n, model) -> dict:
+    cands = [{"steps": _as_dicts(c)} if isinstance(c, (list, tuple)) else c for c in _as_dicts(candidates)]
+    return RerankRequest.model_validate({"model": model, "task": task, "candidates": cands,
+                                         "aggregate": aggregate, "top_n": top_n}).model_dump(exclude_none=True)
+
+
+def _expand_body(beams, beam_width, model) -> dict:
+    return BeamExpandRequest.model_validate({"model": model, "beam_width": beam_width,
+                                             "beams": _as_dicts(beams)}).model_dump()
+
+
+class _Base:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
+                 max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
+                 model: str = "default"):
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.model = model
+
+
+class PRMClient(_Base):
+    """Synchronous client. Use as a context manager, or call close()."""
+
+    def __init__(self, *args, transport: httpx.BaseTransport | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
+                                  transport=transport)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
+        for attempt in range(self.max_retries + 1):
+            response = None
+            try:
+                response = self._http.request(method, path, json=json)
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
+                    raise _error_from(response)
+            except httpx.TransportError:
+                if attempt == self.max_retries:
+                    raise
+            time.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
+        raise AssertionError("unreachable")
+
+    def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+        body = _score_body(trajectories, aggregate, model or self.model)
+        return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
+
+    def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
+               model: str | None = None) -> RerankResponse:
+        body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
+        return RerankResponse.model_validate(self._request("POST", "/v1/rerank", body).json())
+
+    def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
+        body = _expand_body(beams, beam_width, model or self.model)
+        return BeamExpandResponse.model_validate(self._request("POST", "/v1/beam-expand", body).json())
+
+    def models(self) -> ModelList:
+        return ModelList.model_validate(self._request("GET", "/v1/models").json())
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/ready").status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+class AsyncPRMClient(_Base):
+    """Asynchronous client. Use as an async context manager, or await aclose()."""
+
+    def __init__(self, *args, transport: httpx.AsyncBaseTransport | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
+                                       transport=transport)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
+        for attempt in range(self.max_retries + 1):
+            response = None
+            try:
+                response = await self._http.request(method, path, json=json)
+                if response.status_code < 400:
+                    return response
+                if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
+                    raise _error_from(response)
+            except httpx.TransportError:
+                if attempt == self.max_retries:
+                    raise
+            await asyncio.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
+        raise AssertionError("unreachable")
+
+    async def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+        body = _score_body(trajectories, aggregate, model or self.model)
+        return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
+
+    async def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
+                     model: str | None = None) -> RerankResponse:
+        body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
+        return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())
+
+    async def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
+        body = _expand_body(beams, beam_width, model or self.model)
+        return BeamExpandResponse.model_validate((await self._request("POST", "/v1/beam-expand", body)).json())
+
+    async def models(self) -> ModelList:
+        return ModelList.model_validate((await self._request("GET", "/v1/models")).json())
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/ready")).status_code == 200
+        except httpx.TransportError:
+            return False

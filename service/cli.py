@@ -1,0 +1,227 @@
+"""The `agentprm` command line: serve, score, model {init-random, verify, list}, and subcommands that other
+packages register (`train` from training.cli, `rollout`/`eval` from envs.cli, `bench` from bench.cli).
+
+Errors a user can cause (bad paths, bad checkpoints, bad input files) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from model_store.store import CheckpointError
+
+PLUGINS = ("training.cli", "envs.cli", "bench.cli")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _settings_from_args(args) -> "ServerSettings":
+    from service.settings import ServerSettings
+
+    fields = ServerSettings.model_fields
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return ServerSettings(**overrides)
+
+
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    from service.settings import ServerSettings
+
+    for name, field in ServerSettings.model_fields.items():
+        if name in ("host", "port", "log_level") and p.prog.endswith("score"):
+            continue
+        kind = field.annotation if field.annotation in (int, float) else str
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"{field.description or name} [env AGENTPRM_{name.upper()}; default {field.default}]")
+
+
+def build_engine(settings):
+    from model_store.store import resolve_checkpoint
+    from service.engine.engine import PRMEngine
+
+    path = resolve_checkpoint(settings.model, settings.store)
+    return PRMEngine.from_checkpoint(path, settings.engine_config())
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.api.app import ApiConfig, create_app
+
+    settings = _settings_from_args(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_engine(settings)
+    print(f"agentprm: serving {engine.info.ref} on http://{settings.host}:{settings.port} "
+          f"(device {engine.device}, max_batch_tokens {settings.max_batch_tokens}, "
+          f"max_wait_ms {settings.max_wait_ms})", flush=True)
+    app = create_app(engine, engine.metrics, ApiConfig(max_body_bytes=settings.max_body_bytes))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
+    return 0
+
+
+def _read_jsonl_trajectories(path: Path):
+    from pydantic import ValidationError
+
+    from service.api.protocol import TrajectoryIn
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    out = []
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(TrajectoryIn.model_validate_json(line).to_engine())
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"]) or "line"
+                raise UserError(f"{path}:{line_no}: {where}: {err['msg']}") from None
+            if not out[-1].steps:
+                raise UserError(f"{path}:{line_no}: trajectory has no steps")
+    return out
+
+
+def cmd_score(args) -> int:
+    from tqdm import tqdm
+
+    settings = _settings_from_args(args)
+    trajectories = _read_jsonl_trajectories(Path(args.file))
+    engine = build_engine(settings)
+    out = open(args.out, "w") if args.out else sys.stdout
+
+    async def run():
+        await engine.start()
+        try:
+            chunk = max(1, args.chunk)
+            with tqdm(total=len(trajectories), unit="traj", disable=args.out is None, desc="scoring") as bar:
+                for start in range(0, len(trajectories), chunk):
+                    part = trajectories[start:start + chunk]
+                    result = await engine.score("default", part, args.aggregate)
+                    for r in result.results:
+                        out.write(json.dumps({"score": r.score, "initial_value": r.initial_value,
+                                              "steps": [{"promise": s.promise, "progress": s.progress}
+                                                        for s in r.steps]}) + "\n")
+                    bar.update(len(part))
+        finally:
+            await engine.shutdown()
+
+    try:
+        asyncio.run(run())
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def cmd_model_init_random(args) -> int:
+    from model_store.export import init_random
+
+    command = "agentprm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        manifest = init_random(args.out, name=args.name, version=args.version, layers=args.layers,
+                               hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                               intermediate=args.intermediate, vocab=args.vocab, max_seq_len=args.max_seq_len,
+                               seed=args.seed, overwrite=args.overwrite, command=command)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {manifest.ref} to {args.out} ({len(manifest.files)} files)")
+    return 0
+
+
+def cmd_model_verify(args) -> int:
+    from service.engine.prm import load_prm
+
+    from model_store.store import resolve_checkpoint
+
+    path = resolve_checkpoint(args.path, args.store)
+    loaded = load_prm(path)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"ok: {loaded.manifest.ref} at {path}: {len(loaded.manifest.files)} files verified, "
+          f"{params:,} parameters, max_seq_len {loaded.manifest.max_seq_len}")
+    return 0
+
+
+def cmd_model_list(args) -> int:
+    from model_store.store import ModelStore
+
+    store = ModelStore(args.store)
+    entries = store.entries()
+    if not entries:
+        print(f"no checkpoints in {store.root}")
+        return 0
+    for e in entries:
+        print(f"{e.name}:{e.version}\t{e.manifest.training.method}\t{e.manifest.created_at}\t{e.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentprm", description="AgentPRM Serve: train, store and serve PRMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
+    _add_server_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score", help="score a JSONL file of trajectories offline with the serving engine")
+    p.add_argument("file", help="JSONL, one {task, steps: [{observation, action}]} per line")
+    p.add_argument("--out", help="output JSONL (default: stdout)")
+    p.add_argument("--aggregate", default="last", choices=["last", "min", "mean", "prod"])
+    p.add_argument("--chunk", type=int, default=64, help="trajectories per engine call")
+    _add_server_flags(p)
+    p.set_defaults(func=cmd_score)
+
+    model = sub.add_parser("model", help="checkpoint tools").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("init-random", help="write a complete random checkpoint (tests, development)")
+    p.add_argument("out")
+    p.add_argument("--name", default="random-prm")
+    p.add_argument("--version", default="1")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_model_init_random)
+    p = model.add_parser("verify", help="check a checkpoint's checksums, schema and tensor shapes")
+    p.add_argument("path", help="checkpoint path or name[:version]")
+    p.add_argument("--store", default=None)
+    p.set_defaults(func=cmd_model_verify)
+    p = model.add_parser("list", help="list the checkpoints of a store")
+    p.add_argument("--store", default=None)
+    p.set_defaults(func=cmd_model_list)
+
+    for module_name in PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue  # that package, or an optional extra it needs, is not installed here
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (UserError, CheckpointError) as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

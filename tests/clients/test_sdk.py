@@ -1,0 +1,84 @@
+"""The SDK against a real `agentprm serve` process on 127.0.0.1 (started by the fixture, stopped after)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from clients import AsyncPRMClient, PRMClient, PRMError
+from service.api.protocol import StepIn, TrajectoryIn
+from tests.conftest import free_port, trajectory_json
+
+
+def test_sync_client_scores_reranks_and_expands(live_server):
+    with PRMClient(live_server) as client:
+        assert client.ready()
+        assert client.models().data[0].id == "tiny-prm:1"
+        traj = trajectory_json("go to the red ball", 3)
+        scored = client.score([traj])
+        assert len(scored.results[0].steps) == 3
+        # Typed inputs work the same as dicts.
+        typed = TrajectoryIn(task=traj["task"], steps=[StepIn(**s) for s in traj["steps"]])
+        assert client.score([typed]).results[0].score == pytest.approx(scored.results[0].score, abs=1e-6)
+        ranked = client.rerank("go to the red ball", [traj["steps"], traj["steps"][:1]], top_n=2)
+        assert {r.index for r in ranked.results} == {0, 1}
+        beams = [{"trajectory": traj, "observation": "a ball", "candidates": ["move forward", "turn left"]}]
+        expanded = client.beam_expand(beams, beam_width=1)
+        assert len(expanded.selected) == 1 and len(expanded.candidates[0]) == 2
+
+
+def test_errors_carry_the_servers_message_and_code(live_server):
+    with PRMClient(live_server) as client:
+        with pytest.raises(PRMError) as info:
+            client.score([trajectory_json("t", 1)], model="missing-model")
+        assert info.value.code == 404 and "missing-model" in info.value.message
+        with pytest.raises(PRMError) as info:
+            client.score([trajectory_json("t", 80)])  # longer than max_seq_len 512
+        assert info.value.code == 422 and "at most 512" in info.value.message
+
+
+def test_async_client_matches_sync(live_server):
+    traj = trajectory_json("pick up the key", 4, seed=5)
+
+    async def go():
+        async with AsyncPRMClient(live_server) as client:
+            assert await client.ready()
+            results = await asyncio.gather(*(client.score([traj]) for _ in range(4)))
+            ranked = await client.rerank("pick up the key", [traj["steps"]])
+            return results, ranked
+
+    results, ranked = asyncio.run(go())
+    with PRMClient(live_server) as client:
+        reference = client.score([traj]).results[0]
+    for r in results:
+        assert r.results[0].score == pytest.approx(reference.score, abs=1e-6)
+    assert ranked.results[0].score == pytest.approx(reference.score, abs=1e-6)
+
+
+def test_retries_honour_retry_after_then_succeed():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.url.path)
+        if len(calls) < 3:
+            return httpx.Response(429, headers={"Retry-After": "0"},
+                                  json={"error": {"message": "queue full", "type": "overloaded", "code": 429}})
+        return httpx.Response(200, json={"object": "list", "data": []})
+
+    with PRMClient("http://127.0.0.1:1", transport=httpx.MockTransport(handler), backoff_base_s=0.0) as client:
+        assert client.models().data == []
+    assert len(calls) == 3
+    with PRMClient("http://127.0.0.1:1", transport=httpx.MockTransport(handler), max_retries=0) as client:
+        calls.clear()
+        with pytest.raises(PRMError) as info:
+            client.models()
+        assert info.value.code == 429 and info.value.message == "queue full"
+
+
+def test_connection_refused_is_raised_after_retries():
+    with PRMClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff_base_s=0.01) as client:
+        assert not client.ready()
+        with pytest.raises(httpx.ConnectError):
+            client.models()
