@@ -37,6 +37,12 @@ class Metrics:
         self.tokens_cached = Counter("agentprm_tokens_cached", "Tokens served from a shared or cached prefix",
                                      registry=r)
         self.steps_scored = Counter("agentprm_steps_scored", "Steps (readouts) scored", registry=r)
+        self.cache_hits = Counter("agentprm_prefix_cache_hits", "Sequences that found a cached prefix", registry=r)
+        self.cache_misses = Counter("agentprm_prefix_cache_misses", "Sequences that found no cached prefix",
+                                    registry=r)
+        self.cache_evictions = Counter("agentprm_prefix_cache_evictions", "Cache blocks evicted (LRU)", registry=r)
+        self.cache_bytes = Gauge("agentprm_prefix_cache_bytes", "Bytes of KV held by the prefix cache", registry=r)
+        self.cache_blocks = Gauge("agentprm_prefix_cache_blocks", "Blocks held by the prefix cache", registry=r)
         self.ready = Gauge("agentprm_ready", "1 when the model is loaded and the engine is serving", registry=r)
 
     def render(self) -> bytes:

@@ -17,9 +17,10 @@ import torch
 from service.engine import postprocess
 from service.engine.client import EngineClient
 from service.engine.errors import InvalidInput, UnknownModel
+from service.engine.prefix_cache import PrefixCache
 from service.engine.prm import LoadedPRM, load_prm
 from service.engine.render import Renderer
-from service.engine.runner import ScoreJob, TorchRunner, default_dtype, pick_device
+from service.engine.runner import JobResult, ScoreJob, TorchRunner, default_dtype, pick_device
 from service.engine.scheduler import Scheduler, SchedulerConfig
 from service.engine.types import (AGGREGATES, Beam, ExpandOutput, Health, ModelInfo, RankedCandidate, RerankOutput,
                                   ScoreOutput, Selection, Step, Trajectory, TrajectoryScore, Usage)
@@ -38,6 +39,20 @@ class EngineConfig:
     max_forward_tokens: int = 8192
     max_trajectories: int = 256
     max_candidates: int = 512
+    prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
+    prefix_block_size: int = 32
+    share_prefixes: bool = True  # compute a request's shared prefix once
+
+
+def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
+    """Length of the longest common prefix, leaving every sequence at least one token of its own."""
+    if len(sequences) < 2:
+        return 0
+    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
 
 
 class PRMEngine(EngineClient):
@@ -50,8 +65,10 @@ class PRMEngine(EngineClient):
         self.device = device or next(loaded.model.parameters()).device
         self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
         pad_id = loaded.model.backbone.config.pad_token_id or 0
+        self.cache = PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
-                                  max_forward_tokens=config.max_forward_tokens)
+                                  max_forward_tokens=config.max_forward_tokens, cache=self.cache,
+                                  marker_ids=(self.renderer.end_id, self.renderer.state_id))
         self.scheduler = Scheduler(
             self.runner.run_batch,
             SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_wait_s=config.max_wait_ms / 1000,
@@ -60,6 +77,9 @@ class PRMEngine(EngineClient):
         )
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
         self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
+        self.metrics.cache_bytes.set_function(lambda: self.cache.bytes)
+        self.metrics.cache_blocks.set_function(lambda: len(self.cache))
+        self._cache_seen = (0, 0, 0)
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
                               aliases=("default",), method=m.training.method, created_at=m.created_at)
@@ -104,14 +124,30 @@ class PRMEngine(EngineClient):
         m.batch_size.observe(len(jobs))
         m.batch_tokens.observe(stats.padded_tokens)
         m.batch_duration.observe(seconds)
-        m.tokens_computed.inc(stats.tokens)
+        m.tokens_computed.inc(stats.computed_tokens)
+        m.tokens_cached.inc(stats.tokens - stats.computed_tokens)
+        cache = self.cache.stats
+        m.cache_hits.inc(cache.hits - self._cache_seen[0])
+        m.cache_misses.inc(cache.misses - self._cache_seen[1])
+        m.cache_evictions.inc(cache.evicted_blocks - self._cache_seen[2])
+        self._cache_seen = (cache.hits, cache.misses, cache.evicted_blocks)
 
-    def _usage(self, jobs: list[ScoreJob]) -> Usage:
+    def _usage(self, jobs: list[ScoreJob], results: list[JobResult]) -> Usage:
         tokens = sum(len(j.ids) for j in jobs)
+        computed = sum(r.computed_tokens for r in results)
         self.metrics.prompt_tokens.inc(tokens)
-        return Usage(prompt_tokens=tokens, computed_tokens=tokens, cached_tokens=0)
+        return Usage(prompt_tokens=tokens, computed_tokens=computed, cached_tokens=tokens - computed)
 
-    async def _run(self, jobs: list[ScoreJob], request_id: str) -> list[np.ndarray]:
+    def _share(self, jobs: list[ScoreJob]) -> list[ScoreJob]:
+        """Mark the request's common prefix so the runner computes it once."""
+        if not self.config.share_prefixes:
+            return jobs
+        shared = common_prefix_len([j.ids for j in jobs])
+        if shared < self.config.prefix_block_size // 2:
+            return jobs  # too short to be worth a separate pass
+        return [ScoreJob(j.ids, j.readouts, shared) for j in jobs]
+
+    async def _run(self, jobs: list[ScoreJob], request_id: str) -> list[JobResult]:
         return await self.scheduler.submit(jobs, tag=request_id)
 
     def _trajectory_job(self, trajectory: Trajectory, what: str) -> ScoreJob:
@@ -121,14 +157,15 @@ class PRMEngine(EngineClient):
         self._check_length(rendered.ids, what)
         return ScoreJob(rendered.ids, rendered.readouts)
 
-    def _trajectory_scores(self, outputs: list[np.ndarray], aggregate: str) -> list[TrajectoryScore]:
-        results = []
+    def _trajectory_scores(self, results: list[JobResult], aggregate: str) -> list[TrajectoryScore]:
+        outputs = [r.promises for r in results]
+        scored = []
         for out in outputs:
             initial, promises = float(out[0]), [float(x) for x in out[1:]]
-            results.append(TrajectoryScore(score=postprocess.aggregate(promises, aggregate), initial_value=initial,
-                                           steps=postprocess.step_scores(promises, initial)))
+            scored.append(TrajectoryScore(score=postprocess.aggregate(promises, aggregate), initial_value=initial,
+                                          steps=postprocess.step_scores(promises, initial)))
         self.metrics.steps_scored.inc(sum(len(o) - 1 for o in outputs))
-        return results
+        return scored
 
     @staticmethod
     def _check_aggregate(aggregate: str) -> None:
@@ -145,9 +182,9 @@ class PRMEngine(EngineClient):
         if len(trajectories) > self.config.max_trajectories:
             raise InvalidInput(f"{len(trajectories)} trajectories in one request; the limit is "
                                f"{self.config.max_trajectories}")
-        jobs = [self._trajectory_job(t, f"trajectories[{i}]") for i, t in enumerate(trajectories)]
-        outputs = await self._run(jobs, request_id)
-        return ScoreOutput(ref, tuple(self._trajectory_scores(outputs, aggregate)), self._usage(jobs))
+        jobs = self._share([self._trajectory_job(t, f"trajectories[{i}]") for i, t in enumerate(trajectories)])
+        results = await self._run(jobs, request_id)
+        return ScoreOutput(ref, tuple(self._trajectory_scores(results, aggregate)), self._usage(jobs, results))
 
     async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]], aggregate: str = "last",
                      top_n: int | None = None, request_id: str = "") -> RerankOutput:
@@ -159,14 +196,14 @@ class PRMEngine(EngineClient):
             raise InvalidInput(f"{len(candidates)} candidates; the limit is {self.config.max_candidates}")
         if top_n is not None and top_n < 1:
             raise InvalidInput("top_n must be at least 1")
-        jobs = [self._trajectory_job(Trajectory(task, tuple(steps)), f"candidates[{i}]")
-                for i, steps in enumerate(candidates)]
+        jobs = self._share([self._trajectory_job(Trajectory(task, tuple(steps)), f"candidates[{i}]")
+                            for i, steps in enumerate(candidates)])
         outputs = await self._run(jobs, request_id)
         scored = self._trajectory_scores(outputs, aggregate)
         order = postprocess.rank([s.score for s in scored], top_n)
         results = tuple(RankedCandidate(index=i, score=scored[i].score, initial_value=scored[i].initial_value,
                                         steps=scored[i].steps) for i in order)
-        return RerankOutput(ref, results, self._usage(jobs))
+        return RerankOutput(ref, results, self._usage(jobs, outputs))
 
     async def expand(self, model: str, beams: list[Beam], beam_width: int, request_id: str = "") -> ExpandOutput:
         ref = self._check_model(model)
@@ -186,8 +223,10 @@ class PRMEngine(EngineClient):
             for c, action in enumerate(beam.candidates):
                 ids = base.ids + self.renderer.action_segment(action)
                 self._check_length(ids, f"beams[{b}] with candidates[{c}]")
-                jobs.append(ScoreJob(ids, (baseline, len(ids) - 1)))
-        outputs = iter(await self._run(jobs, request_id))
+                shared = len(base.ids) if self.config.share_prefixes else 0  # the beam's history + observation
+                jobs.append(ScoreJob(ids, (baseline, len(ids) - 1), shared))
+        results = await self._run(jobs, request_id)
+        outputs = iter(r.promises for r in results)
         per_beam = []
         flat: list[Selection] = []
         for b, beam in enumerate(beams):
@@ -200,4 +239,4 @@ class PRMEngine(EngineClient):
             per_beam.append(tuple(scores))
         self.metrics.steps_scored.inc(len(jobs))
         order = postprocess.rank([s.promise for s in flat], beam_width)
-        return ExpandOutput(ref, tuple(per_beam), tuple(flat[i] for i in order), self._usage(jobs))
+        return ExpandOutput(ref, tuple(per_beam), tuple(flat[i] for i in order), self._usage(jobs, results))

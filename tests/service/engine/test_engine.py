@@ -17,7 +17,9 @@ from tests.conftest import make_trajectory
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
-    return PRMEngine.from_checkpoint(tiny_checkpoint, EngineConfig(device="cpu", max_wait_ms=2))
+    """The reference path: no cross-request cache, no prefix sharing (test_prefix_cache compares against it)."""
+    return PRMEngine.from_checkpoint(tiny_checkpoint, EngineConfig(device="cpu", max_wait_ms=2,
+                                                                   prefix_cache_bytes=0, share_prefixes=False))
 
 
 def run(engine, coro_fn):
@@ -165,6 +167,7 @@ def test_runner_padding_does_not_change_results(engine):
     b = ScoreJob(tuple(range(10, 60)), (9, 49))
     together = engine.runner.run_batch([a, b])
     alone = engine.runner.run_batch([a])
-    assert np.abs(together[0] - alone[0]).max() <= 1e-5
-    assert together[1].shape == (2,)
+    assert np.abs(together[0].promises - alone[0].promises).max() <= 1e-5
+    assert together[1].promises.shape == (2,)
+    assert [r.computed_tokens for r in together] == [10, 50]
     assert torch.get_default_dtype() == torch.float32
