@@ -164,6 +164,20 @@ def cmd_model_list(args) -> int:
     return 0
 
 
+def cmd_model_import(args) -> int:
+    from model_store.importers import import_value_model
+
+    try:
+        manifest = import_value_model(args.src, args.out, name=args.name, version=args.version, kind=args.kind,
+                                      activation=args.activation, max_seq_len=args.max_seq_len,
+                                      overwrite=args.overwrite)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+    print(f"imported {args.src} as {manifest.ref} ({manifest.training.method}, "
+          f"activation {manifest.value_head.activation}) to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentprm", description="AgentPRM Serve: train, store and serve PRMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint path or name[:version]")
     p.add_argument("--store", default=None)
     p.set_defaults(func=cmd_model_verify)
+    p = model.add_parser("import", help="convert a Hugging Face value-head model (TRL, OpenRLHF, seq-cls)")
+    p.add_argument("src", help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
+    p.add_argument("out")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default="1")
+    p.add_argument("--kind", default="auto", choices=["auto", "seq-cls", "openrlhf", "trl"])
+    p.add_argument("--activation", default=None, choices=["sigmoid", "identity"],
+                   help="default: sigmoid for seq-cls/openrlhf, identity for trl")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_model_import)
     p = model.add_parser("list", help="list the checkpoints of a store")
     p.add_argument("--store", default=None)
     p.set_defaults(func=cmd_model_list)
