@@ -28,6 +28,12 @@ Contract:
 - Offline: `offline_score(export_dir, ids_lists, pooling=...)` runs bench/vllm_worker.py in the
   `.venv-vllm` python (vllm.LLM(runner="pooling").encode) and returns the same lists plus timings.
 - The environment: bench/vllm_setup.sh (or `make_vllm_env()`) builds `.venv-vllm` with pinned versions.
+  vLLM processes get `vllm_env()`: VLLM_CPU_KVCACHE_SPACE=1 GiB (its default reserves 92% of the NUMA
+  node and refuses to start when others use memory), no usage stats, offline hub. `omp_threads_bind`
+  (VLLM_CPU_OMP_THREADS_BIND): vLLM's "auto" binds the model worker to ONE core on this 2-core machine
+  and keeps the other for its frontend; "0-1" gives the worker both cores (use it for a fair peer).
+- CLI: `python -m bench.vllm_peer export CKPT OUT [--arch ...]` and `python -m bench.vllm_peer measure
+  CKPT [--n 32 --tokens 300 --pooling step --threads-bind 0-1]` (engine start, HTTP tokens/s, JSON).
 
 This module imports neither vllm nor transformers; it runs in the project's main environment.
 """
@@ -323,7 +329,10 @@ class VllmServer:
         self.command = server_command(export_dir, self.port, pooling=pooling, served_name=served_name,
                                       max_num_seqs=max_num_seqs, venv=venv)
         self.env = vllm_env(omp_threads_bind)
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")[1])
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None
         self._t0 = 0.0
@@ -443,3 +452,106 @@ async def ascore_ids(ids_lists, *, base_url: str, pooling: str, export: VllmExpo
     if resp.status_code != 200:
         raise VllmPeerError(f"vLLM /pooling answered {resp.status_code}: {resp.text[:1000]}")
     return parse_pooling_response(resp.json(), ids_lists, pooling=pooling, export=export)
+
+
+# ----------------------------------------------------------------------------- measurement CLI
+
+def synthetic_ids(checkpoint_dir: Path | str, n: int, tokens: int, seed: int = 0) -> list[list[int]]:
+    """`n` trajectories rendered by our renderer from random agent-like text, each >= `tokens` ids."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from model_store.store import read_manifest
+    from service.engine.render import Renderer
+    from service.engine.types import Step, Trajectory
+
+    checkpoint_dir = Path(checkpoint_dir)
+    manifest = read_manifest(checkpoint_dir)
+    renderer = Renderer(Tokenizer.from_file(str(checkpoint_dir / "tokenizer" / "tokenizer.json")), manifest.template)
+    words = ("you see a red blue green ball key door box wall steps ahead left right turn move forward "
+             "pick up drop toggle open the go to 1 2 3 4 5").split()
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        task = " ".join(rng.choices(words, k=8))
+        steps: list[Step] = []
+        ids: tuple[int, ...] = ()
+        while len(ids) < tokens and len(steps) < 10_000:
+            steps.append(Step(" ".join(rng.choices(words, k=rng.randint(6, 14))), " ".join(rng.choices(words, k=2))))
+            ids = renderer.render(Trajectory(task, tuple(steps))).ids
+        out.append(list(ids))
+    return out
+
+
+def measure(checkpoint_dir: Path | str, *, work_dir: Path | str, n: int = 32, tokens: int = 300,
+            pooling: str = "step", arch: str = "token_classify", omp_threads_bind: str | None = None,
+            port: int = 8765, repeats: int = 3, concurrency: int = 8) -> dict:
+    """Engine start time and HTTP throughput of vLLM scoring `n` trajectories of ~`tokens` ids."""
+    import concurrent.futures as cf
+    import statistics
+
+    import httpx
+
+    export = export_for_vllm(checkpoint_dir, Path(work_dir) / f"vllm-{arch}", arch=arch, overwrite=True)
+    ids = synthetic_ids(checkpoint_dir, n, tokens)
+    total = sum(len(x) for x in ids)
+    report = {"checkpoint": str(checkpoint_dir), "arch": arch, "pooling": pooling, "n": n,
+              "tokens_total": total, "omp_threads_bind": omp_threads_bind or "auto"}
+    server = VllmServer(export.path, port, pooling=pooling, omp_threads_bind=omp_threads_bind,
+                        log_path=Path(work_dir) / f"vllm-serve-{arch}-{pooling}.log")
+    with server, httpx.Client() as client:
+        report["engine_start_s"] = server.start_s
+        server.score_ids(ids[:2], client=client)  # warm-up
+        batch_s = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            server.score_ids(ids, client=client)
+            batch_s.append(time.perf_counter() - t)
+        report["one_request_s"] = statistics.median(batch_s)
+        report["one_request_tokens_per_s"] = total / report["one_request_s"]
+        t = time.perf_counter()
+        with cf.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda x: server.score_ids([x], client=client), ids))
+        report[f"concurrent{concurrency}_s"] = time.perf_counter() - t
+        report[f"concurrent{concurrency}_tokens_per_s"] = total / report[f"concurrent{concurrency}_s"]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.vllm_peer", description="vLLM peer: export, measure")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_exp = sub.add_parser("export", help="export a checkpoint for vLLM")
+    p_exp.add_argument("checkpoint")
+    p_exp.add_argument("out")
+    p_exp.add_argument("--arch", choices=sorted(ARCHS), default="token_classify")
+    p_exp.add_argument("--overwrite", action="store_true")
+    p_mea = sub.add_parser("measure", help="engine start and HTTP throughput on synthetic trajectories")
+    p_mea.add_argument("checkpoint")
+    p_mea.add_argument("--work-dir", default=None)
+    p_mea.add_argument("--n", type=int, default=32)
+    p_mea.add_argument("--tokens", type=int, default=300)
+    p_mea.add_argument("--pooling", choices=POOLINGS, default="step")
+    p_mea.add_argument("--arch", choices=sorted(ARCHS), default="token_classify")
+    p_mea.add_argument("--threads-bind", default=None, help='VLLM_CPU_OMP_THREADS_BIND, e.g. "auto" or "0-1"')
+    p_mea.add_argument("--port", type=int, default=8765)
+    p_mea.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.cmd == "export":
+        print(json.dumps(export_for_vllm(args.checkpoint, args.out, arch=args.arch, overwrite=args.overwrite).__dict__,
+                         default=str, indent=2))
+        return 0
+    if not (1 <= args.n <= 4096 and 8 <= args.tokens <= 100_000 and 1 <= args.concurrency <= 256):
+        parser.error("--n in [1, 4096], --tokens in [8, 100000], --concurrency in [1, 256]")
+    with tempfile.TemporaryDirectory(prefix="agentprm-vllm-measure-") as tmp:
+        report = measure(args.checkpoint, work_dir=args.work_dir or tmp, n=args.n, tokens=args.tokens,
+                         pooling=args.pooling, arch=args.arch, omp_threads_bind=args.threads_bind, port=args.port,
+                         concurrency=args.concurrency)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

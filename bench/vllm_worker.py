@@ -2,12 +2,13 @@
 
 Contract: `python bench/vllm_worker.py --model EXPORT_DIR --pooling step|all --input IN.json --output OUT.json
 [--repeat N]`. IN.json is {"ids": [[int, ...], ...]} (token ids exactly as our renderer produced them).
-The worker builds `vllm.LLM(model=EXPORT_DIR, runner="pooling", dtype="float32", pooler_config=
-PoolerConfig(pooling_type="STEP", step_tag_id=<|end|> id, use_activation=True))` for "step" and
-`PoolerConfig(pooling_type="ALL", use_activation=True)` for "all" (Qwen2ForRewardModel defaults to raw logits), then calls `LLM.encode(
-[TokensPrompt(prompt_token_ids=ids) ...], pooling_task="token_classify")` `repeat` times (one batch of
-all prompts per call). OUT.json: {"vllm_version", "start_s" (engine construction), "runs": [{"seconds",
-"prompts", "tokens"}], "outputs": [[float, ...] per prompt]}, where each output is the promise column
+The worker builds `vllm.LLM(model=EXPORT_DIR, runner="pooling", dtype="float32", pooler_config=...)`
+with `PoolerConfig(pooling_type="STEP", step_tag_id=<|end|> id, use_activation=True)` for "step" and
+`PoolerConfig(pooling_type="ALL", use_activation=True)` for "all" (Qwen2ForRewardModel would default to
+raw logits), then calls `LLM.encode([TokensPrompt(prompt_token_ids=ids) ...], pooling_task=
+"token_classify")` `repeat` times (one batch of all prompts per call). OUT.json: {"vllm_version",
+"start_s" (engine construction), "runs": [{"seconds", "prompts", "tokens"}], "outputs": [[float, ...] per
+prompt]}, where each output is the promise column
 (the last label) of vLLM's pooled rows: one row per <|end|> token with "step", one per token with "all".
 Selecting the readout positions from "all" rows is the caller's job (bench.vllm_peer.select_readouts).
 """
