@@ -1,20 +1,127 @@
 """Fused gather + value head: promise logits at readout positions only.
 
-`value_head_readout_ref` is the plain torch reference: gather the N readout rows of the flattened hidden
-states, then one [N, H] x [H] product. The Triton kernel (issue 5) plugs in behind `value_head_readout`,
-picked once at import with an override for tests.
+Contract (every implementation): `hidden [R, H]` (float32 / bfloat16 / float16, last dim contiguous),
+`flat_index [N]` (int64, rows of `hidden`), `weight [1, H]`, `bias [1]` -> logits `[N]` in **float32**,
+accumulated in float32 whatever the input dtype. Only the N readout rows are read (gather first, then
+project); the head never touches the other B*T - N positions.
+
+Implementations:
+- `value_head_readout_ref`: plain torch (gather the rows, upcast them, one [N, H] x [H] product). Used on
+  the CPU, for training (it is differentiable) and as the ground truth in tests.
+- `value_head_readout_triton` (service/engine/triton_kernels.py): one Triton kernel that gathers and
+  projects in a single pass. Used on a CUDA GPU when the `triton` package is installed.
+
+`value_head_readout` is the dispatch that `PRMModel.readout` calls. The kernel is picked once at import:
+Triton when `triton` is installed and CUDA is available, torch otherwise; `AGENTPRM_KERNEL=torch|triton`
+overrides the pick and `set_kernel(name)` changes it at run time (tests, benchmarks). Per call, the Triton
+kernel runs only on CUDA tensors (or any tensor under `TRITON_INTERPRET=1`) and only when no gradient is
+needed: it has no backward, so a training step always takes the reference path.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+
 import torch
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("torch", "triton")
+ENV_VAR = "AGENTPRM_KERNEL"
 
 
 def value_head_readout_ref(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor) -> torch.Tensor:
-    """hidden [B*T, H], flat_index [N] (int64), weight [1, H], bias [1] -> logits [N]."""
-    rows = hidden.index_select(0, flat_index)  # [N, H]
-    return torch.nn.functional.linear(rows, weight, bias).squeeze(-1)  # [N]
+    """hidden [R, H], flat_index [N] (int64), weight [1, H], bias [1] -> float32 logits [N]."""
+    # Upcast after the gather: only N rows are converted. A bf16 x bf16 product is exact in fp32, so the
+    # result differs from the Triton kernel only by the order of the fp32 additions.
+    rows = hidden.index_select(0, flat_index).float()  # [N, H]
+    return torch.nn.functional.linear(rows, weight.float(), bias.float()).squeeze(-1)  # [N]
 
 
-value_head_readout = value_head_readout_ref
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRITON = _find_triton()
+_triton_impl = None  # value_head_readout_triton, imported on first use (importing triton costs ~0.3 s)
+
+
+def _load_triton():
+    global _triton_impl, HAS_TRITON
+    if _triton_impl is None:
+        try:
+            from service.engine.triton_kernels import value_head_readout_triton
+        except Exception as exc:  # a broken triton install must not take the server down: fall back
+            HAS_TRITON = False
+            raise RuntimeError(f"the `triton` package is installed but cannot be imported ({exc})") from exc
+        _triton_impl = value_head_readout_triton
+    return _triton_impl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _check_name(name: str) -> str:
+    if name not in KERNELS:
+        raise ValueError(f"unknown value-head kernel {name!r}: choose one of {', '.join(KERNELS)}")
+    if name == "triton" and not HAS_TRITON:
+        raise RuntimeError("the triton value-head kernel needs the `triton` package (pip install triton)")
+    return name
+
+
+def default_kernel() -> str:
+    """The import-time pick: $AGENTPRM_KERNEL if set, else triton on a CUDA machine with triton, else torch."""
+    requested = os.environ.get(ENV_VAR, "").strip().lower()
+    if requested:
+        return _check_name(requested)
+    if HAS_TRITON and torch.cuda.is_available():
+        try:
+            _load_triton()
+            return "triton"
+        except RuntimeError as exc:
+            log.warning("value-head kernel: falling back to torch: %s", exc)
+    return "torch"
+
+
+_active = default_kernel()
+
+
+def active_kernel() -> str:
+    return _active
+
+
+def set_kernel(name: str) -> str:
+    """Select the kernel ("torch" or "triton") for later calls; returns the previous selection."""
+    global _active
+    name = _check_name(name)
+    if name == "triton":
+        _load_triton()
+    previous, _active = _active, name
+    return previous
+
+
+def kernel_for(hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    """Which implementation `value_head_readout` uses for these tensors under the current selection."""
+    if _active != "triton":
+        return "torch"
+    if not (hidden.is_cuda or interpreting()):
+        return "torch"  # compiled Triton kernels run on CUDA tensors only
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return "torch"  # the kernel has no backward
+    return "triton"
+
+
+def value_head_readout(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor) -> torch.Tensor:
+    """Dispatch: hidden [R, H], flat_index [N], weight [1, H], bias [1] -> float32 logits [N]."""
+    if kernel_for(hidden, weight) == "triton":
+        return _load_triton()(hidden, flat_index, weight, bias)
+    return value_head_readout_ref(hidden, flat_index, weight, bias)
