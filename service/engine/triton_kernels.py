@@ -7,8 +7,10 @@ the head in BLOCK_H chunks and adds the bias. Inputs may be float32, bfloat16 or
 and accumulated in float32, and the output is float32, like `kernels.value_head_readout_ref`.
 
 Runs on CUDA tensors, or on CPU tensors when the process set TRITON_INTERPRET=1 before importing this
-module (tests). The launcher never synchronises while a CUDA graph is being captured, so a graph can
-hold it (the index bounds check is skipped then; callers capturing a graph validate indices themselves).
+module (tests). The launcher never synchronises with the GPU, so a CUDA graph can hold it. Indices are
+bounds-checked on the host only when they live on the host (free there); on the GPU the kernel never reads
+outside `hidden`: an out-of-range index yields a NaN logit (the torch reference raises a device-side assert,
+which poisons the CUDA context; a synchronising check per call would cost a round trip).
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit
 def _value_head_readout_kernel(hidden_ptr, index_ptr, weight_ptr, bias_ptr, out_ptr,
-                               n_readouts, hidden_size, stride_row,
+                               n_readouts, n_rows, hidden_size, stride_row,
                                BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] readout numbers
-    row_mask = rows < n_readouts
+    out_mask = rows < n_readouts
     # int64 offsets: B*T*H passes 2**31 for long batches of wide models.
-    src = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # [BLOCK_N] hidden rows
+    src = tl.load(index_ptr + rows, mask=out_mask, other=0).to(tl.int64)  # [BLOCK_N] hidden rows
+    in_bounds = (src >= 0) & (src < n_rows)
+    row_mask = out_mask & in_bounds  # never read outside hidden, whatever the index says
     row_ptrs = hidden_ptr + src * stride_row  # [BLOCK_N]
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, hidden_size, BLOCK_H):
@@ -48,7 +52,8 @@ def _value_head_readout_kernel(hidden_ptr, index_ptr, weight_ptr, bias_ptr, out_
     bias = tl.load(bias_ptr).to(tl.float32)
     # float32 out: a bf16 logit would lose ~3 significant digits for nothing (N is small), and the
     # interpreter's fp32 -> bf16 cast truncates where the compiled one rounds, so tests could not pin it.
-    tl.store(out_ptr + rows, acc + bias, mask=row_mask)
+    logits = tl.where(in_bounds, acc + bias, float("nan"))
+    tl.store(out_ptr + rows, logits, mask=out_mask)
 
 
 def block_sizes(n_readouts: int, hidden_size: int) -> tuple[int, int]:
@@ -60,11 +65,8 @@ def block_sizes(n_readouts: int, hidden_size: int) -> tuple[int, int]:
     return block_n, block_h
 
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def _check(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+           check_bounds: bool) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [rows, H], got shape {tuple(hidden.shape)}")
     rows, size = hidden.shape
@@ -86,22 +88,29 @@ def _check(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor,
         raise ValueError("hidden must be contiguous along H (rows may be strided)")
     if not (weight.is_contiguous() and flat_index.is_contiguous()):
         raise ValueError("weight and flat_index must be contiguous")
-    if flat_index.numel() and not _capturing():
-        lo, hi = torch.stack([flat_index.min(), flat_index.max()]).tolist()  # one sync
+    if check_bounds and flat_index.numel():
+        lo, hi = int(flat_index.min()), int(flat_index.max())
         if lo < 0 or hi >= rows:
             raise IndexError(f"flat_index holds {lo if lo < 0 else hi}, outside the {rows} hidden rows")
 
 
 def value_head_readout_triton(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor,
-                              bias: torch.Tensor) -> torch.Tensor:
-    """hidden [R, H], flat_index [N], weight [1, H], bias [1] -> float32 logits [N] (one kernel launch)."""
-    _check(hidden, flat_index, weight, bias)
+                              bias: torch.Tensor, check_bounds: bool | None = None) -> torch.Tensor:
+    """hidden [R, H], flat_index [N], weight [1, H], bias [1] -> float32 logits [N] (one kernel launch).
+
+    `check_bounds` (default: only for host tensors) raises IndexError for an index outside hidden's rows;
+    without it such an index gives a NaN logit.
+    """
+    if check_bounds is None:
+        check_bounds = flat_index.device.type == "cpu"
+    _check(hidden, flat_index, weight, bias, check_bounds)
     n = flat_index.shape[0]
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)  # [N]
     if n == 0:
         return out
     block_n, block_h = block_sizes(n, hidden.shape[1])
     grid = (triton.cdiv(n, block_n),)
-    _value_head_readout_kernel[grid](hidden, flat_index, weight, bias, out, n, hidden.shape[1], hidden.stride(0),
+    rows, size = hidden.shape
+    _value_head_readout_kernel[grid](hidden, flat_index, weight, bias, out, n, rows, size, hidden.stride(0),
                                      BLOCK_N=block_n, BLOCK_H=block_h, num_warps=4)
     return out

@@ -173,6 +173,9 @@ for case in CASES:
 hidden, index, weight, bias = make_case(7, 48, "float32")
 out["int32-index"] = value_head_readout_triton(hidden, index.int(), weight, bias)
 report["empty"] = list(value_head_readout_triton(hidden, index[:0], weight, bias).shape)
+wild = index.clone()
+wild[1], wild[4] = hidden.shape[0], -1  # what a GPU call (no host check) gets for out-of-range indices
+out["unchecked"] = value_head_readout_triton(hidden, wild, weight, bias, check_bounds=False)
 errors = {}
 for name, call in [("out_of_range", lambda: value_head_readout_triton(hidden, index + 100, weight, bias)),
                    ("bad_weight", lambda: value_head_readout_triton(hidden, index, weight[:, :5], bias)),
@@ -225,4 +228,9 @@ def test_triton_launcher_checks_its_inputs(interpreted):
     assert torch.allclose(logits["int32-index"], value_head_readout_ref(hidden, index, weight, bias),
                           atol=1e-5, rtol=1e-5)
     assert report["empty"] == [0]
+    # Without the host check an out-of-range index reads nothing: NaN there, the other readouts intact.
+    unchecked, ref = logits["unchecked"], value_head_readout_ref(hidden, index, weight, bias)
+    assert torch.isnan(unchecked[[1, 4]]).all()
+    keep = [0, 2, 3, 5, 6]
+    assert torch.allclose(unchecked[keep], ref[keep], atol=1e-5, rtol=1e-5)
     assert report["errors"] == {"out_of_range": "IndexError", "bad_weight": "ValueError", "float_index": "TypeError"}
