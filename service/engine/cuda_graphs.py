@@ -1,0 +1,225 @@
+"""CUDA graphs for the small fixed-shape scoring passes (no KV cache in, none out).
+
+Contract: `GraphRunner(model, buckets=[(B, T), ...], device).maybe_run(input_ids [b, t], flat_index [N])`
+returns the promises `[N]` (float32, on the device; equal to `model.readout(model.hidden_states(ids)[0],
+flat_index)`) when some bucket has B >= b and T >= t and N fits its readout buffer, and `None` otherwise,
+so the caller runs the pass eagerly. It never raises for an unsupported shape, only for bad input.
+
+How a pass runs in a graph:
+- one graph per bucket, captured at construction, largest bucket first, all in one memory pool: the
+  intermediates of a later (smaller) capture reuse the blocks the larger ones freed, so the pool costs
+  about one largest pass plus the static buffers. Before each capture, warm-up passes on a side stream
+  compile the Triton kernel and set up cuBLAS/SDPA workspaces; capture time and pool memory are logged.
+- static buffers per bucket: ids `[B, T]`, a readout index `[R]` (R = B*T unless `max_readouts` caps it)
+  and the promises `[R]`. A call right-pads its ids into the bucket (pad rows and columns; causal
+  attention keeps real tokens blind to pads on the right, so no mask is needed, as in TorchRunner),
+  remaps `flat_index` from the `[b, t]` layout to `[B, T]`, writes the first N index slots (the rest keep
+  stale but in-range indices), replays, and returns a copy of the first N promises: the readout count
+  is data-dependent, the graph always gathers R rows.
+- replays are serialised by a lock on the caller's current stream; graphs sharing a pool must never run
+  concurrently.
+
+Off on the CPU: constructing it for a non-CUDA device (or without CUDA) gives a disabled runner whose
+`maybe_run` always returns None. `emulate=True` runs the same static-buffer path eagerly without capture
+(a testing aid, so the bucketing, padding and remapping are tested on the CPU). A capture that fails
+(an op that cannot be captured) disables the runner with a logged warning: the service stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Bucket = tuple[int, int]  # (batch, length)
+
+
+# -- bucket arithmetic (pure) -------------------------------------------------------------------------
+def default_buckets(max_batch: int = 8, lengths: tuple[int, ...] = (64, 128, 256, 512)) -> list[Bucket]:
+    """Powers of two batch sizes up to `max_batch`, crossed with `lengths`: the small passes worth capturing."""
+    batches, b = [], 1
+    while b <= max_batch:
+        batches.append(b)
+        b *= 2
+    return [(b, t) for b in batches for t in lengths]
+
+
+def check_buckets(buckets) -> list[Bucket]:
+    out = []
+    for bucket in buckets:
+        batch, length = (int(v) for v in bucket)
+        if batch < 1 or length < 1:
+            raise ValueError(f"bucket {tuple(bucket)}: batch and length must be >= 1")
+        out.append((batch, length))
+    return sorted(set(out), key=lambda bk: (bk[0] * bk[1], bk[1], bk[0]))
+
+
+def pick_bucket(buckets: list[Bucket], batch: int, length: int) -> Bucket | None:
+    """The bucket with the fewest padded tokens that holds [batch, length] (ties: shorter T); None if none."""
+    fitting = [bk for bk in buckets if bk[0] >= batch and bk[1] >= length]
+    return min(fitting, key=lambda bk: (bk[0] * bk[1], bk[1], bk[0])) if fitting else None
+
+
+def pad_to_bucket(input_ids: torch.Tensor, bucket: Bucket, pad_id: int) -> torch.Tensor:
+    """Right-pad ids [b, t] to [B, T] with pad_id (extra rows are all padding)."""
+    batch, length = input_ids.shape
+    out = torch.full(bucket, pad_id, dtype=input_ids.dtype, device=input_ids.device)  # [B, T]
+    out[:batch, :length] = input_ids
+    return out
+
+
+def remap_flat_index(flat_index: torch.Tensor, length: int, bucket_length: int) -> torch.Tensor:
+    """Flat positions in a [b, length] batch -> the same positions in a [B, bucket_length] batch."""
+    return flat_index // length * bucket_length + flat_index % length
+
+
+# -- the runner -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CaptureStats:
+    bucket: Bucket
+    readouts: int
+    seconds: float  # warm-up + capture
+    pool_bytes: int  # memory reserved by the shared pool after this capture (cumulative)
+
+
+@dataclass
+class _Graph:
+    ids: torch.Tensor  # [B, T] static input
+    index: torch.Tensor  # [R] static readout index
+    out: torch.Tensor | None  # [R] static promises (None in emulation until the first run)
+    graph: "torch.cuda.CUDAGraph | None"
+
+
+class GraphRunner:
+    def __init__(self, model, buckets, device: torch.device | str, pad_id: int = 0, max_readouts: int | None = None,
+                 warmup: int = 2, emulate: bool = False):
+        self.model = model
+        self.buckets = check_buckets(buckets)
+        self.device = torch.device(device)
+        self.pad_id = pad_id
+        self.max_readouts = max_readouts
+        self.warmup = warmup
+        self.emulate = emulate
+        self.stats: list[CaptureStats] = []
+        self.replays = 0
+        self._graphs: dict[Bucket, _Graph] = {}
+        self._lock = threading.Lock()
+        self.disabled_reason = self._why_disabled()
+        if self.disabled_reason is None:
+            self._build()
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_reason is None
+
+    def _why_disabled(self) -> str | None:
+        if not self.buckets:
+            return "no buckets"
+        if self.emulate:
+            return None
+        if self.device.type != "cuda":
+            return f"CUDA graphs need a CUDA device (got {self.device.type})"
+        if not torch.cuda.is_available():
+            return "CUDA graphs need a CUDA device (CUDA is not available)"
+        return None
+
+    def _readouts(self, bucket: Bucket) -> int:
+        full = bucket[0] * bucket[1]
+        return min(full, self.max_readouts) if self.max_readouts else full
+
+    # -- the captured pass ----------------------------------------------------------------------------
+    def _step(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        hidden, _ = self.model.hidden_states(ids)  # [B, T, H]
+        return self.model.readout(hidden, index)  # [R]
+
+    def eager(self, input_ids: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+        """The same pass without graphs or padding (the reference for replay == eager)."""
+        with torch.inference_mode():
+            return self._step(input_ids.to(self.device), flat_index.to(self.device))
+
+    def _build(self) -> None:
+        # Largest first: later, smaller captures fit in the blocks the larger ones left in the shared pool.
+        order = sorted(self.buckets, key=lambda bk: bk[0] * bk[1], reverse=True)
+        if self.emulate:
+            for bucket in order:
+                self._graphs[bucket] = self._buffers(bucket)
+            return
+        pool = torch.cuda.graph_pool_handle()
+        start_reserved = torch.cuda.memory_reserved(self.device)
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for bucket in order:
+                    self._capture(bucket, pool, start_reserved)
+        except Exception as exc:  # eager stays correct; a capture failure must not take the service down
+            self._graphs.clear()
+            self.disabled_reason = f"capture failed for a bucket ({type(exc).__name__}: {exc})"
+            log.warning("cuda graphs: disabled, running eager: %s", self.disabled_reason)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            return
+        pool_mib = (torch.cuda.memory_reserved(self.device) - start_reserved) / 2**20
+        log.info("cuda graphs: captured %d buckets in %.2f s, %.1f MiB reserved (largest %s)",
+                 len(order), time.perf_counter() - start, pool_mib, order[0])
+
+    def _buffers(self, bucket: Bucket) -> _Graph:
+        ids = torch.full(bucket, self.pad_id, dtype=torch.long, device=self.device)  # [B, T]
+        index = torch.zeros(self._readouts(bucket), dtype=torch.long, device=self.device)  # [R]
+        return _Graph(ids=ids, index=index, out=None, graph=None)
+
+    def _capture(self, bucket: Bucket, pool, start_reserved: int) -> None:
+        t0 = time.perf_counter()
+        static = self._buffers(bucket)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._step(static.ids, static.index)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            static.out = self._step(static.ids, static.index)  # [R]
+        torch.cuda.synchronize(self.device)
+        static.graph = graph
+        self._graphs[bucket] = static
+        stats = CaptureStats(bucket, static.index.numel(), time.perf_counter() - t0,
+                             torch.cuda.memory_reserved(self.device) - start_reserved)
+        self.stats.append(stats)
+        log.info("cuda graphs: bucket %s (readouts %d) captured in %.3f s, pool %.1f MiB",
+                 bucket, stats.readouts, stats.seconds, stats.pool_bytes / 2**20)
+
+    # -- replay -----------------------------------------------------------------------------------------
+    def maybe_run(self, input_ids: torch.Tensor, flat_index) -> torch.Tensor | None:
+        """Promises [N] from a graph replay, or None (disabled, no bucket fits, too many readouts)."""
+        if not self.enabled:
+            return None
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        bucket = pick_bucket(self.buckets, batch, length)
+        if bucket is None:
+            return None
+        static = self._graphs[bucket]
+        # Indices are checked on the host: an out-of-range gather inside a graph is a device fault.
+        index = torch.as_tensor(flat_index, dtype=torch.long).cpu().reshape(-1)  # [N]
+        n = index.numel()
+        if n > static.index.numel():
+            return None
+        if n and (int(index.min()) < 0 or int(index.max()) >= batch * length):
+            raise IndexError(f"flat_index outside the {batch}x{length} batch")
+        index = remap_flat_index(index, length, bucket[1])
+        with self._lock, torch.inference_mode():
+            static.ids.fill_(self.pad_id)
+            static.ids[:batch, :length].copy_(input_ids)
+            static.index[:n].copy_(index)
+            if static.graph is not None:
+                static.graph.replay()
+            else:  # emulation: the same buffers, run eagerly
+                static.out = self._step(static.ids, static.index)
+            self.replays += 1
+            return static.out[:n].clone()  # the next replay overwrites static.out
