@@ -1,0 +1,454 @@
+"""The trainer: one PRM code path with serving, AdamW + warmup/cosine, clipping, early stopping, DDP.
+
+Examples are rendered once with the serving `Renderer` (template from the manifest), so training reads the
+promise at exactly the token the service reads. A batch is right-padded with no attention mask: under
+causal attention real tokens only see earlier real tokens, and pad positions are never read (the runner's
+argument), so a padded batch gives each trajectory the promises it gets alone.
+
+One optimizer step = one global batch of `batch_size` trajectories, drawn from a per-epoch permutation
+seeded by (seed, epoch). With DDP (WORLD_SIZE > 1, gloo on CPU, nccl on GPU) process r takes every
+world-th trajectory of the global batch; each process splits its share into micro-batches under
+`max_batch_tokens` padded tokens. The loss of every micro-batch is its (sum, count) terms divided by the
+counts of the whole global batch (known before any forward pass), scaled by the world size to undo DDP's
+gradient averaging: the accumulated gradient is the gradient of the global batch's mean loss whatever
+the split, so 2 processes follow the loss curve of 1 (up to float summation order). A final global batch
+smaller than the world size is dropped.
+
+Validation (every `eval_every` steps, else every epoch) reports the method's loss and, method-agnostic,
+`auc` (final-step promise ranks successes above failures), `brier` (mean squared error of the final-step
+promise against the outcome) and `v0_mse`. Early stopping watches `brier` (lower is better; every method
+trains the final step toward the outcome, so it compares methods fairly): after `patience` evaluations
+without improvement training stops, and the best weights are restored. Every process evaluates the whole
+validation set (identical results, identical stopping decisions).
+
+Precision: fp32 on CPU; fp32 weights with bf16 autocast on GPU. Seeds: python, numpy, torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.prm import PRMModel
+from service.engine.render import Renderer
+from training.data import Record
+from training.losses import batch_loss_terms, term_counts
+
+
+# -- configuration and data ----------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    method: str = "agentprm"
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of the optimizer steps spent warming up linearly
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    batch_size: int = 16  # trajectories per optimizer step (global, across processes)
+    max_batch_tokens: int = 16384  # padded tokens per micro-batch per process
+    grad_clip: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    patience: int = 5
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    max_steps: int | None = None
+    seed: int = 0
+    success_above: float = 0.0
+    progress: bool = True
+    log_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: tuple[int, ...]
+    readouts: tuple[int, ...]  # the state readout (V_0), then one per step
+    outcome: float
+    initial_target: float
+    labels: tuple[float, ...] | None = None  # per-step MC labels
+    line: int = 0
+
+
+def make_examples(records: list[Record], renderer: Renderer, max_seq_len: int, initial_targets: list[float],
+                  labels: list[list[float]] | None = None) -> tuple[list[Example], list[int]]:
+    """Rendered examples, and the lines of trajectories skipped for rendering to more than max_seq_len tokens."""
+    examples, skipped = [], []
+    for i, record in enumerate(records):
+        rendered = renderer.render(record.trajectory())
+        if len(rendered.ids) > max_seq_len:
+            skipped.append(record.line)
+            continue
+        examples.append(Example(rendered.ids, rendered.readouts, record.reward, initial_targets[i],
+                                tuple(labels[i]) if labels is not None else None, record.line))
+    return examples, skipped
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T] right-padded
+    flat_index: torch.Tensor  # [N] readout positions in the flattened [B*T]
+    readout_mask: torch.Tensor  # [B, R] True at real readouts (V_0, Q_0..)
+    outcome: torch.Tensor  # [B]
+    initial_target: torch.Tensor  # [B]
+    labels: torch.Tensor | None  # [B, R-1]
+    tokens: int  # real tokens
+
+    def to(self, device: torch.device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.ids), move(self.flat_index), move(self.readout_mask), move(self.outcome),
+                     move(self.initial_target), move(self.labels), self.tokens)
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    length = max(len(e.ids) for e in examples)
+    width = max(len(e.readouts) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    flat = []
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[b, : len(e.readouts)] = True
+        flat.extend(b * length + r for r in e.readouts)  # row-major, the order masked_scatter fills
+    labels = None
+    if examples[0].labels is not None:
+        labels = torch.zeros((len(examples), width - 1))
+        for b, e in enumerate(examples):
+            labels[b, : len(e.labels)] = torch.tensor(e.labels)
+    return Batch(ids, torch.tensor(flat, dtype=torch.long), mask,
+                 torch.tensor([e.outcome for e in examples], dtype=torch.float32),
+                 torch.tensor([e.initial_target for e in examples], dtype=torch.float32),
+                 labels, sum(len(e.ids) for e in examples))
+
+
+def micro_batches(examples: list[Example], max_batch_tokens: int) -> list[list[Example]]:
+    """Length-sorted groups with padded size B * T_max <= max_batch_tokens (a longer example goes alone)."""
+    groups, current = [], []
+    for e in sorted(examples, key=lambda e: len(e.ids)):
+        if current and (len(current) + 1) * len(e.ids) > max_batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(e)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def roc_auc(scores: list[float], positives: list[bool]) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half); NaN without both classes."""
+    pos = sum(positives)
+    neg = len(positives) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = np.asarray(scores)[order]
+    i = 0
+    while i < len(scores):  # average ranks over ties
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i: j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = ranks[np.asarray(positives, dtype=bool)].sum()
+    return float((rank_sum - pos * (pos + 1) / 2) / (pos * neg))
+
+
+# -- distributed ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str = "auto", init_method: str = "env://") -> DistInfo:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
+
+    gloo on CPU, nccl on GPU. A single process (no WORLD_SIZE, or 1) needs no process group. `init_method`
+    "env://" meets at MASTER_ADDR:MASTER_PORT (torch's TCP store, which listens on every interface);
+    "file:///shared/path" meets through a file instead and opens no rendezvous port.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+    return DistInfo(rank, world, local_rank)
+
+
+def broadcast_object(obj, info: DistInfo):
+    """`obj` of rank 0 on every process."""
+    if not info.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if info.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+# -- the trainer ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one entry per optimizer step
+    evals: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)  # validation metrics of the restored weights
+    steps: int = 0
+    epochs_run: int = 0
+    stopped_early: bool = False
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+class Trainer:
+    def __init__(self, model: PRMModel, config: TrainConfig, pad_id: int, device: torch.device | str = "cpu",
+                 dist_info: DistInfo = DistInfo()):
+        self.config = config
+        self.info = dist_info
+        self.device = torch.device(device)
+        self.pad_id = pad_id
+        self.model = model.to(self.device)  # the plain module (evaluation, export)
+        self.ddp: nn.Module = self.model
+        if dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, examples: list[Example]) -> list[np.ndarray]:
+        """Promises at every readout [V_0, Q_0, ...] of each example (the evaluation forward)."""
+        was_training = self.model.training
+        self.model.eval()
+        out: list[np.ndarray | None] = [None] * len(examples)
+        position = {id(e): i for i, e in enumerate(examples)}
+        try:
+            for group in micro_batches(examples, self.config.max_batch_tokens):
+                batch = collate(group, self.pad_id).to(self.device)
+                with self.autocast():
+                    promises = self.model(batch.ids, None, batch.flat_index).float().cpu().numpy()
+                splits = np.split(promises, np.cumsum([len(e.readouts) for e in group])[:-1])
+                for e, values in zip(group, splits):
+                    out[position[id(e)]] = values
+        finally:
+            self.model.train(was_training)
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def evaluate(self, examples: list[Example]) -> dict:
+        if not examples:
+            return {}
+        c = self.config
+        predictions = self.predict(examples)
+        q_sum = a_sum = q_count = a_count = 0.0
+        for group_start in range(0, len(examples), 256):
+            group = examples[group_start: group_start + 256]
+            batch = collate(group, self.pad_id)
+            pred = torch.zeros(batch.readout_mask.shape).masked_scatter(
+                batch.readout_mask, torch.from_numpy(np.concatenate(predictions[group_start: group_start + 256])))
+            terms = batch_loss_terms(c.method, pred, batch.readout_mask, batch.outcome, batch.initial_target,
+                                     batch.labels, c.gamma, c.lam)
+            q_sum, a_sum = q_sum + float(terms.q_sum), a_sum + float(terms.a_sum)
+            q_count, a_count = q_count + float(terms.q_count), a_count + float(terms.a_count)
+        final = [float(p[-1]) for p in predictions]
+        success = [e.outcome > c.success_above for e in examples]
+        l_q = q_sum / max(q_count, 1.0)
+        l_a = a_sum / a_count if a_count else 0.0
+        return {"loss": l_q + c.beta * l_a if c.method == "agentprm" else l_q, "l_q": l_q, "l_a": l_a,
+                "auc": roc_auc(final, success),
+                "brier": float(np.mean([(f - e.outcome) ** 2 for f, e in zip(final, examples)])),
+                "v0_mse": float(np.mean([(float(p[0]) - e.initial_target) ** 2 for p, e in zip(predictions, examples)])),
+                "n": len(examples)}
+
+    # -- training ----------------------------------------------------------------------------------------
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.config.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.config.lr, betas=(0.9, 0.95))
+
+    def _schedule(self, optimizer, total_steps: int):
+        warmup = max(1, math.ceil(self.config.warmup * total_steps)) if self.config.warmup > 0 else 0
+        floor = self.config.min_lr_ratio
+
+        def factor(step: int) -> float:  # step counts finished optimizer steps
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def steps_per_epoch(self, n_train: int) -> int:
+        full, rest = divmod(n_train, self.config.batch_size)
+        return full + (1 if rest >= self.info.world else 0)
+
+    def _step(self, global_batch: list[Example], optimizer, scheduler) -> dict:
+        c, info = self.config, self.info
+        mask = collate(global_batch, self.pad_id).readout_mask
+        q_total, a_total = term_counts(c.method, mask)
+        local = global_batch[info.rank:: info.world]
+        groups = micro_batches(local, c.max_batch_tokens)
+        sums = torch.zeros(3, dtype=torch.float64)  # q_sum, a_sum, tokens of this process
+        for j, group in enumerate(groups):
+            sync = j == len(groups) - 1 or not info.enabled
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+                batch = collate(group, self.pad_id).to(self.device)
+                with self.autocast():
+                    flat = self.ddp(batch.ids, None, batch.flat_index)  # [N]
+                pred = torch.zeros(batch.readout_mask.shape, device=self.device).masked_scatter(
+                    batch.readout_mask, flat.float())  # [B, R]
+                terms = batch_loss_terms(c.method, pred, batch.readout_mask, batch.outcome, batch.initial_target,
+                                         batch.labels, c.gamma, c.lam)
+                loss = terms.q_sum / q_total
+                if a_total:
+                    loss = loss + c.beta * terms.a_sum / a_total
+                (loss * info.world).backward()
+            sums += torch.tensor([terms.q_sum.item(), terms.a_sum.item(), batch.tokens], dtype=torch.float64)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)) \
+            if c.grad_clip > 0 else float("nan")
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if info.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+        l_q = float(sums[0]) / q_total
+        l_a = float(sums[1]) / a_total if a_total else 0.0
+        loss = l_q + c.beta * l_a if c.method == "agentprm" else l_q
+        return {"loss": loss, "l_q": l_q, "l_a": l_a, "lr": lr, "grad_norm": grad_norm, "tokens": int(sums[2])}
+
+    def fit(self, train: list[Example], val: list[Example]) -> TrainResult:
+        from tqdm import tqdm
+
+        c, info = self.config, self.info
+        if len(train) < info.world:
+            raise ValueError(f"{len(train)} training trajectories cannot be split over {info.world} processes")
+        if c.method == "mc" and train[0].labels is None:
+            raise ValueError("method 'mc' needs Monte-Carlo labels on the examples")
+        set_seed(c.seed)
+        per_epoch = self.steps_per_epoch(len(train))
+        total = per_epoch * c.epochs if c.max_steps is None else min(per_epoch * c.epochs, c.max_steps)
+        optimizer = self._optimizer()
+        scheduler = self._schedule(optimizer, total)
+        result = TrainResult()
+        best_score, best_state, bad_evals = math.inf, None, 0
+        log = open(c.log_path, "a") if (c.log_path and info.main) else None
+        bar = tqdm(total=total, desc=f"train {c.method}", unit="step", disable=not (c.progress and info.main))
+        self.model.train()
+
+        def run_eval(epoch: int) -> bool:
+            """Evaluate, keep the best weights; True when training should stop."""
+            nonlocal best_score, best_state, bad_evals
+            metrics = self.evaluate(val)
+            entry = {"step": result.steps, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}}
+            result.evals.append(entry)
+            if log:
+                log.write(json.dumps({"eval": entry}) + "\n")
+                log.flush()
+            if c.progress and info.main:
+                bar.write(f"step {result.steps} epoch {epoch}: val loss {metrics['loss']:.4f} "
+                          f"auc {metrics['auc']:.3f} brier {metrics['brier']:.4f}")
+            if metrics["brier"] < best_score - 1e-6:
+                best_score, bad_evals = metrics["brier"], 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                result.best = {**metrics, "step": result.steps}
+                return False
+            bad_evals += 1
+            return bad_evals >= c.patience
+
+        try:
+            stop = False
+            for epoch in range(c.epochs):
+                if stop or result.steps >= total:
+                    break
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(c.seed * 1000 + epoch))
+                for start in range(0, len(train), c.batch_size):
+                    indices = order[start: start + c.batch_size].tolist()
+                    if len(indices) < info.world or result.steps >= total:
+                        break
+                    began = time.perf_counter()
+                    stats = self._step([train[i] for i in indices], optimizer, scheduler)
+                    elapsed = time.perf_counter() - began
+                    result.steps += 1
+                    result.tokens += stats["tokens"]
+                    result.train_seconds += elapsed
+                    entry = {"step": result.steps, "epoch": epoch, **stats, "tokens_per_s": stats["tokens"] / elapsed}
+                    result.history.append(entry)
+                    if log:
+                        log.write(json.dumps(entry) + "\n")
+                    bar.update(1)
+                    postfix = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}",
+                               "tok/s": f"{result.tokens_per_s:.0f}"}
+                    if result.evals:
+                        postfix.update(val_auc=f"{result.evals[-1]['val_auc']:.3f}",
+                                       val_brier=f"{result.evals[-1]['val_brier']:.4f}")
+                    bar.set_postfix(postfix, refresh=False)
+                    if val and c.eval_every and result.steps % c.eval_every == 0:
+                        stop = run_eval(epoch)
+                        if stop:
+                            break
+                result.epochs_run = epoch + 1
+                if val and not stop and not c.eval_every:
+                    stop = run_eval(epoch)
+            if val and (not result.evals or result.evals[-1]["step"] != result.steps):
+                run_eval(result.epochs_run - 1)
+            result.stopped_early = stop
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        elif not val:
+            result.best = {}
+        return result
+
+
+def save_history(result: TrainResult, path: Path | str) -> None:
+    Path(path).write_text(json.dumps({"history": result.history, "evals": result.evals, "best": result.best}))
