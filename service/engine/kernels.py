@@ -9,7 +9,8 @@ Implementations:
 - `value_head_readout_ref`: plain torch (gather the rows, upcast them, one [N, H] x [H] product). Used on
   the CPU, for training (it is differentiable) and as the ground truth in tests.
 - `value_head_readout_triton` (service/engine/triton_kernels.py): one Triton kernel that gathers and
-  projects in a single pass. Used on a CUDA GPU when the `triton` package is installed.
+  projects in a single pass. Used on a CUDA GPU when the `triton` package is installed. It never syncs
+  with the GPU (CUDA-graph safe): an out-of-range index there gives a NaN logit, not an error.
 
 `value_head_readout` is the dispatch that `PRMModel.readout` calls. The kernel is picked once at import:
 Triton when `triton` is installed and CUDA is available, torch otherwise; `AGENTPRM_KERNEL=torch|triton`
