@@ -8,7 +8,8 @@ directory and, for bfloat16 and float32:
    1, 7, 123, 4097; H in 48, 200, 896) and on the model's own hidden states;
 2. times both readouts (CUDA events, median) on a [32*512, H] hidden batch;
 3. captures CUDA graphs (service.engine.cuda_graphs.GraphRunner) and checks replay == eager on shapes
-   inside the buckets, then prints eager vs graph latency for small batches.
+   inside the buckets (promises, and the KV of a with_kv runner), then prints eager vs graph latency
+   for small batches.
 On a CPU-only machine it says no GPU is present and runs only the Triton kernel under the interpreter
 (TRITON_INTERPRET=1) against the reference. Exit status 1 when a check fails. Figures are printed,
 not asserted; record them in bench/RESULTS.md with the device line.
@@ -174,6 +175,22 @@ def graph_section(report: Report, model, dtype, pad_id: int, iters: int) -> None
         report.check(f"replay == eager (unpadded)      {batch}x{length}", ok, f"max |diff| {err:.2e}")
     report.check("outside the buckets falls back", runner.maybe_run(torch.ones(9, 8, dtype=torch.long),
                                                                     torch.tensor([0])) is None, "batch 9 -> None")
+    kv_runner = GraphRunner(model, [(4, 128)], torch.device("cuda"), pad_id=pad_id, with_kv=True)
+    report.check("graphs with KV captured", kv_runner.enabled, kv_runner.disabled_reason or "bucket 4x128")
+    if kv_runner.enabled:
+        from transformers import DynamicCache
+
+        ids = torch.randint(1, vocab, (3, 100))
+        flat = torch.arange(0, 300, 7)
+        promises, kv = kv_runner.maybe_run_with_kv(ids, flat)
+        with torch.inference_mode():
+            _, cache = model.hidden_states(ids.cuda(), past_key_values=DynamicCache())
+        err = max(max((k - layer.keys).abs().max().item(), (v - layer.values).abs().max().item())
+                  for (k, v), layer in zip(kv, cache.layers))
+        kv_tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16 K/V of other GEMM shapes: a few bf16 ulps
+        ok, p_err = close(promises, kv_runner.eager(ids, flat), unpadded_tol)
+        report.check("replay with KV == eager (promises, KV)", ok and err <= kv_tol,
+                     f"max |diff| {p_err:.2e}, KV {err:.2e}")
     for batch, length in [(1, 64), (4, 128), (8, 256)]:
         ids = torch.randint(1, vocab, (batch, length))
         flat = torch.arange(0, batch * length, 16)

@@ -18,6 +18,10 @@ How a pass runs in a graph:
   is data-dependent, the graph always gathers R rows.
 - replays are serialised by a lock on the caller's current stream; graphs sharing a pool must never run
   concurrently.
+- `with_kv=True` also captures the KV the pass produces (a fresh DynamicCache in the graph);
+  `maybe_run_with_kv` then returns `(promises, kv)` with kv per layer `(keys, values)` `[b, kv_heads, t, hd]`:
+  views into the graph's static memory, valid until the next call on this runner (PrefixCache.insert
+  clones what it keeps, so inserting right away is safe).
 
 Off on the CPU: constructing it for a non-CUDA device (or without CUDA) gives a disabled runner whose
 `maybe_run` always returns None. `emulate=True` runs the same static-buffer path eagerly without capture
@@ -36,6 +40,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [B, kv_heads, T, head_dim]
 Bucket = tuple[int, int]  # (batch, length)
 
 
@@ -92,18 +97,20 @@ class _Graph:
     ids: torch.Tensor  # [B, T] static input
     index: torch.Tensor  # [R] static readout index
     out: torch.Tensor | None  # [R] static promises (None in emulation until the first run)
+    kv: KV | None  # static KV of the pass (with_kv), [B, kv_heads, T, hd] per layer
     graph: "torch.cuda.CUDAGraph | None"
 
 
 class GraphRunner:
     def __init__(self, model, buckets, device: torch.device | str, pad_id: int = 0, max_readouts: int | None = None,
-                 warmup: int = 2, emulate: bool = False):
+                 warmup: int = 2, with_kv: bool = False, emulate: bool = False):
         self.model = model
         self.buckets = check_buckets(buckets)
         self.device = torch.device(device)
         self.pad_id = pad_id
         self.max_readouts = max_readouts
         self.warmup = warmup
+        self.with_kv = with_kv
         self.emulate = emulate
         self.stats: list[CaptureStats] = []
         self.replays = 0
@@ -133,14 +140,19 @@ class GraphRunner:
         return min(full, self.max_readouts) if self.max_readouts else full
 
     # -- the captured pass ----------------------------------------------------------------------------
-    def _step(self, ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        hidden, _ = self.model.hidden_states(ids)  # [B, T, H]
-        return self.model.readout(hidden, index)  # [R]
+    def _step(self, ids: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, KV | None]:
+        if not self.with_kv:
+            hidden, _ = self.model.hidden_states(ids)  # [B, T, H]
+            return self.model.readout(hidden, index), None  # [R]
+        from transformers import DynamicCache
+
+        hidden, cache = self.model.hidden_states(ids, past_key_values=DynamicCache())  # [B, T, H]
+        return self.model.readout(hidden, index), [(layer.keys, layer.values) for layer in cache.layers]
 
     def eager(self, input_ids: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
         """The same pass without graphs or padding (the reference for replay == eager)."""
         with torch.inference_mode():
-            return self._step(input_ids.to(self.device), flat_index.to(self.device))
+            return self._step(input_ids.to(self.device), flat_index.to(self.device))[0]
 
     def _build(self) -> None:
         # Largest first: later, smaller captures fit in the blocks the larger ones left in the shared pool.
@@ -158,10 +170,13 @@ class GraphRunner:
                     self._capture(bucket, pool, start_reserved)
         except Exception as exc:  # eager stays correct; a capture failure must not take the service down
             self._graphs.clear()
-            self.disabled_reason = f"capture failed for a bucket ({type(exc).__name__}: {exc})"
+            self.disabled_reason = f"capture failed ({type(exc).__name__}: {exc})"
             log.warning("cuda graphs: disabled, running eager: %s", self.disabled_reason)
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+            except RuntimeError:
+                pass
             return
         pool_mib = (torch.cuda.memory_reserved(self.device) - start_reserved) / 2**20
         log.info("cuda graphs: captured %d buckets in %.2f s, %.1f MiB reserved (largest %s)",
@@ -170,7 +185,7 @@ class GraphRunner:
     def _buffers(self, bucket: Bucket) -> _Graph:
         ids = torch.full(bucket, self.pad_id, dtype=torch.long, device=self.device)  # [B, T]
         index = torch.zeros(self._readouts(bucket), dtype=torch.long, device=self.device)  # [R]
-        return _Graph(ids=ids, index=index, out=None, graph=None)
+        return _Graph(ids=ids, index=index, out=None, kv=None, graph=None)
 
     def _capture(self, bucket: Bucket, pool, start_reserved: int) -> None:
         t0 = time.perf_counter()
@@ -183,7 +198,7 @@ class GraphRunner:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            static.out = self._step(static.ids, static.index)  # [R]
+            static.out, static.kv = self._step(static.ids, static.index)  # [R], KV
         torch.cuda.synchronize(self.device)
         static.graph = graph
         self._graphs[bucket] = static
@@ -196,6 +211,16 @@ class GraphRunner:
     # -- replay -----------------------------------------------------------------------------------------
     def maybe_run(self, input_ids: torch.Tensor, flat_index) -> torch.Tensor | None:
         """Promises [N] from a graph replay, or None (disabled, no bucket fits, too many readouts)."""
+        result = self._run(input_ids, flat_index)
+        return None if result is None else result[0]
+
+    def maybe_run_with_kv(self, input_ids: torch.Tensor, flat_index) -> tuple[torch.Tensor, KV] | None:
+        """(promises [N], kv views [b, kv_heads, t, hd] per layer, valid until the next call), or None."""
+        if not self.with_kv:
+            raise RuntimeError("this GraphRunner was built without with_kv=True")
+        return self._run(input_ids, flat_index)
+
+    def _run(self, input_ids: torch.Tensor, flat_index):
         if not self.enabled:
             return None
         if input_ids.dim() != 2:
@@ -220,6 +245,10 @@ class GraphRunner:
             if static.graph is not None:
                 static.graph.replay()
             else:  # emulation: the same buffers, run eagerly
-                static.out = self._step(static.ids, static.index)
+                static.out, static.kv = self._step(static.ids, static.index)
             self.replays += 1
-            return static.out[:n].clone()  # the next replay overwrites static.out
+            promises = static.out[:n].clone()  # the next replay overwrites static.out
+            kv = None
+            if static.kv is not None:
+                kv = [(k[:batch, :, :length], v[:batch, :, :length]) for k, v in static.kv]
+            return promises, kv

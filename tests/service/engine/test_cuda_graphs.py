@@ -97,6 +97,31 @@ def test_emulated_replay_equals_eager_and_reuses_buffers(tiny):
     assert runner.replays == 5
 
 
+def eager_kv(model, ids):
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        _, cache = model.hidden_states(ids, past_key_values=DynamicCache())
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def test_emulated_replay_with_kv_returns_the_unpadded_cache(tiny):
+    runner = GraphRunner(tiny.model, BUCKETS, torch.device("cpu"), with_kv=True, emulate=True)
+    vocab = tiny.model.backbone.config.vocab_size
+    for seed, (batch, length) in enumerate([(3, 90), (1, 7)]):
+        ids, flat = random_batch(batch, length, vocab, 4, seed)
+        promises, kv = runner.maybe_run_with_kv(ids, flat)
+        assert torch.allclose(promises, runner.eager(ids, flat), atol=1e-5, rtol=1e-5)
+        expected = eager_kv(tiny.model, ids)
+        assert len(kv) == len(expected) == tiny.model.backbone.config.num_hidden_layers
+        for (k, v), (k_ref, v_ref) in zip(kv, expected):
+            assert k.shape == k_ref.shape and k.shape[0] == batch and k.shape[2] == length
+            assert torch.allclose(k, k_ref, atol=1e-5, rtol=1e-5) and torch.allclose(v, v_ref, atol=1e-5, rtol=1e-5)
+    plain = GraphRunner(tiny.model, BUCKETS, torch.device("cpu"), emulate=True)
+    with pytest.raises(RuntimeError, match="with_kv"):
+        plain.maybe_run_with_kv(*random_batch(1, 5, vocab, 1, seed=0))
+
+
 def test_runner_declines_shapes_outside_the_buckets(tiny):
     runner = GraphRunner(tiny.model, BUCKETS, torch.device("cpu"), emulate=True, max_readouts=16)
     vocab = tiny.model.backbone.config.vocab_size
@@ -123,3 +148,15 @@ def test_graph_replay_equals_eager_on_cuda(tiny_checkpoint):
         got = runner.maybe_run(ids, flat)
         assert got is not None
         assert torch.allclose(got, runner.eager(ids, flat), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replay_with_kv_equals_eager_on_cuda(tiny_checkpoint):
+    loaded = load_prm(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    runner = GraphRunner(loaded.model, BUCKETS, torch.device("cuda"), with_kv=True)
+    assert runner.enabled, runner.disabled_reason
+    ids, flat = random_batch(3, 90, loaded.model.backbone.config.vocab_size, 4, seed=0)
+    promises, kv = runner.maybe_run_with_kv(ids, flat)
+    assert torch.allclose(promises, runner.eager(ids, flat), atol=1e-4, rtol=1e-4)
+    for (k, v), (k_ref, v_ref) in zip(kv, eager_kv(loaded.model, ids.cuda())):
+        assert torch.allclose(k, k_ref, atol=1e-4, rtol=1e-4) and torch.allclose(v, v_ref, atol=1e-4, rtol=1e-4)
