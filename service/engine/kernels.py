@@ -39,6 +39,9 @@ def value_head_readout_ref(hidden: torch.Tensor, flat_index: torch.Tensor, weigh
     # Upcast after the gather: only N rows are converted. A bf16 x bf16 product is exact in fp32, so the
     # result differs from the Triton kernel only by the order of the fp32 additions.
     rows = hidden.index_select(0, flat_index).float()  # [N, H]
+    if torch.is_autocast_enabled(hidden.device.type):  # training under autocast: keep the head in fp32
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(rows, weight.float(), bias.float()).squeeze(-1)  # [N]
     return torch.nn.functional.linear(rows, weight.float(), bias.float()).squeeze(-1)  # [N]
 
 

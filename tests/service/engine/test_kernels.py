@@ -94,6 +94,16 @@ def test_reference_keeps_gradients_for_training():
     assert hidden.grad[index[0]].abs().sum() > 0
 
 
+def test_reference_stays_float32_under_autocast():
+    # Training runs the backbone under bf16 autocast; the head and its logits stay fp32.
+    hidden, index, weight, bias = make_case(123, 200, "bfloat16")
+    plain = value_head_readout_ref(hidden, index, weight, bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = value_head_readout_ref(hidden, index, weight, bias)
+    assert autocast.dtype == torch.float32
+    assert torch.equal(autocast, plain)
+
+
 def test_bf16_tolerance_catches_bf16_rounding():
     # The bf16 tolerance must be able to fail: logits rounded to bf16 (what a bf16 accumulator or bf16
     # output would give) are further from the reference than TOL allows.
