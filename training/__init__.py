@@ -5,14 +5,10 @@ Modules, in the order data flows through them:
   that defines the initial-value target, the validation split.
 - `training.labels`: targets as pure tensor functions (TD + GAE, PVM, ORM masks) and the Monte-Carlo
   labeller over `envs.base.TextEnv` (with environment-step counting).
+- `training.defaults`: method names and the default model size (cheap to import).
 - `training.losses`: L_Q, L_A and the per-method loss on a batch of readout predictions.
 - `training.backbone`: the PRM to train (default config, config JSON, Hugging Face folder, checkpoint).
 - `training.trainer`: AdamW + warmup/cosine, clipping, validation + early stopping, DDP, progress.
 - `training.export`: the model_store checkpoint with the training record in its manifest.
 - `training.cli`: `agentprm train` (and `python -m training.cli train`).
 """
-
-METHODS = ("agentprm", "pvm", "orm", "mc")
-
-# The default from-scratch size (no --init): ~0.8M parameters plus embeddings.
-DEFAULT_SIZE = {"layers": 4, "hidden": 128, "vocab": 1024}

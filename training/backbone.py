@@ -27,7 +27,7 @@ import torch
 from model_store.export import PAD_TOKEN, train_tokenizer
 from model_store.manifest import MANIFEST_FILE, Template
 from service.engine.prm import PRMModel, build_backbone
-from training import DEFAULT_SIZE
+from training.defaults import DEFAULT_SIZE
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 

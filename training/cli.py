@@ -24,7 +24,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from training import DEFAULT_SIZE, METHODS
+from training.defaults import DEFAULT_SIZE, METHODS
 
 EXIT_USER_ERROR = 2
 
@@ -98,7 +98,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=None, help=f"default model: {DEFAULT_SIZE['hidden']}")
     p.add_argument("--vocab", type=int, default=None, help=f"tokenizer trained on the data: {DEFAULT_SIZE['vocab']}")
     p.add_argument("--success-above", type=float, default=0.0, help="reward above this counts as success")
-    p.add_argument("--name", default=None, help="model name in the manifest (default: agentprm, or METHOD-prm for a baseline)")
+    p.add_argument("--name", default=None,
+                   help="model name in the manifest (default: agentprm, or METHOD-prm for a baseline)")
     p.add_argument("--version", default="1")
     p.add_argument("--mc-rollouts", type=int, default=4, help="K rollouts per step (mc)")
     p.add_argument("--mc-env", default="auto", help="auto (meta.env babyai) or MODULE:FACTORY(meta)")
@@ -210,7 +211,8 @@ def run_train(args, command: str) -> dict:
     if info.main:
         data = {"path": str(args.data), "sha256": data_mod.file_sha256(args.data), "n_trajectories": len(records),
                 "n_train": len(train_ex), "n_val": len(val_ex), "skipped_lines": skipped,
-                **{k: v for k, v in data_mod.data_summary(records, args.success_above).items() if k != "n_trajectories"}}
+                **{k: v for k, v in data_mod.data_summary(records, args.success_above).items()
+                   if k != "n_trajectories"}}
         training = training_info(config, result, data, labelling, command, init.source)
         training = training.model_copy(update={"world_size": info.world})
         manifest = export_checkpoint(out, trainer.model, init.tokenizer, init.template,

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from training import METHODS  # noqa: F401  (re-exported: the method names)
+from training.defaults import METHODS  # noqa: F401  (re-exported: the method names)
 from training.data import DataError, Record
 
 

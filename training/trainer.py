@@ -33,7 +33,6 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -300,7 +299,8 @@ class Trainer:
         return {"loss": l_q + c.beta * l_a if c.method == "agentprm" else l_q, "l_q": l_q, "l_a": l_a,
                 "auc": roc_auc(final, success),
                 "brier": float(np.mean([(f - e.outcome) ** 2 for f, e in zip(final, examples)])),
-                "v0_mse": float(np.mean([(float(p[0]) - e.initial_target) ** 2 for p, e in zip(predictions, examples)])),
+                "v0_mse": float(np.mean([(float(p[0]) - e.initial_target) ** 2
+                                         for p, e in zip(predictions, examples)])),
                 "n": len(examples)}
 
     # -- training ----------------------------------------------------------------------------------------
@@ -449,6 +449,3 @@ class Trainer:
             result.best = {}
         return result
 
-
-def save_history(result: TrainResult, path: Path | str) -> None:
-    Path(path).write_text(json.dumps({"history": result.history, "evals": result.evals, "best": result.best}))

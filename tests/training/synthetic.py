@@ -68,7 +68,7 @@ def make_env(meta: dict | None = None) -> ForkEnv:
 
 
 def make_dataset(n_seeds: int, samples: int = 4, first_seed: int = 0) -> list[dict]:
-    """`samples` random-policy trajectories from each of `n_seeds` initial states, with meta.fork (the deciding step)."""
+    """`samples` random-policy walks from each of `n_seeds` initial states, with meta.fork (the deciding step)."""
     env = ForkEnv()
     rows = []
     for seed in range(first_seed, first_seed + n_seeds):

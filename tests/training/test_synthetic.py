@@ -67,7 +67,8 @@ def test_promise_jumps_at_the_deciding_step(trained):
 def test_exported_checkpoint_serves_the_trainers_promises(trained):
     init, trainer = trained["init"], trained["trainer"]
     out = trained["tmp"] / "ckpt"
-    info = training_info(trainer.config, trained["result"], {"path": "train.jsonl"}, {"env_steps": 0}, "test", "default")
+    info = training_info(trainer.config, trained["result"], {"path": "train.jsonl"}, {"env_steps": 0}, "test",
+                         "default")
     export_checkpoint(out, trainer.model, init.tokenizer, init.template, name="fork-prm", version="1",
                       max_seq_len=MAX_SEQ_LEN, training=info)
     engine = PRMEngine.from_checkpoint(out, EngineConfig(device="cpu"))
