@@ -1,0 +1,154 @@
+"""Kubernetes manifests (docker/k8s/): rendered for the GPU base and the CPU overlay, validated against the
+Kubernetes 1.30 schemas (kubernetes-validate, when installed) and checked for what a deployment needs:
+GPU resources, probes on /health and /ready, a termination grace period that covers preStop plus the
+server's drain, an HPA on agentprm_queue_depth through the custom metrics API, a PDB that lets a node
+drain proceed, a ServiceMonitor that scrapes the Service's port, and the PrometheusRule equal to alerts.yml.
+Rendering uses the pure-Python renderer; where kubectl is installed its `kustomize` must agree with it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from service.settings import ServerSettings
+from tests.conftest import REPO
+from tests.docker import kustomize
+
+K8S = REPO / "docker" / "k8s"
+OVERLAYS = {"gpu": K8S / "base", "cpu": K8S / "overlays" / "cpu"}
+EXPECTED = {
+    ("apps/v1", "Deployment"), ("v1", "Service"), ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+# The server's drain setting (SIGTERM -> stop taking work -> finish in-flight requests).
+DRAIN_ENV = "AGENTPRM_DRAIN_TIMEOUT_S"
+
+
+def by_kind(resources: list[dict]) -> dict[str, dict]:
+    kinds = [r["kind"] for r in resources]
+    assert len(kinds) == len(set(kinds)), kinds
+    return {r["kind"]: r for r in resources}
+
+
+@pytest.fixture(scope="module", params=sorted(OVERLAYS))
+def rendered(request) -> tuple[str, dict[str, dict]]:
+    return request.param, by_kind(kustomize.render(OVERLAYS[request.param]))
+
+
+def container(resources: dict[str, dict]) -> dict:
+    (c,) = resources["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env(c: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c["env"]}
+
+
+def test_every_resource_kind_is_rendered(rendered):
+    _, resources = rendered
+    assert {(r["apiVersion"], r["kind"]) for r in resources.values()} == EXPECTED
+
+
+def test_gpu_resources_in_the_base_and_none_in_the_cpu_overlay(rendered):
+    variant, resources = rendered
+    c = container(resources)
+    limits, requests = c["resources"]["limits"], c["resources"]["requests"]
+    if variant == "gpu":
+        assert limits["nvidia.com/gpu"] == 1 and requests["nvidia.com/gpu"] == 1
+        assert env(c)["AGENTPRM_DEVICE"] == "cuda" and c["image"].endswith(":gpu")
+    else:
+        assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in requests
+        assert "tolerations" not in resources["Deployment"]["spec"]["template"]["spec"]
+        assert env(c)["AGENTPRM_DEVICE"] == "cpu" and c["image"].endswith(":cpu")
+    assert "memory" in limits and "cpu" in requests
+
+
+def test_probes_and_graceful_shutdown(rendered):
+    _, resources = rendered
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    c = container(resources)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8000}
+    for probe, path in (("livenessProbe", "/health"), ("readinessProbe", "/ready"), ("startupProbe", "/health")):
+        assert c[probe]["httpGet"]["path"] == path and c[probe]["httpGet"]["port"] in ("http", 8000), probe
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = float(env(c)[DRAIN_ENV])
+    assert pod["terminationGracePeriodSeconds"] > float(command[1]) + drain
+
+
+def test_pod_runs_as_the_image_user_and_reads_only_known_settings(rendered):
+    _, resources = rendered
+    pod = resources["Deployment"]["spec"]["template"]["spec"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    (user,) = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
+    known = {f"AGENTPRM_{name.upper()}" for name in ServerSettings.model_fields} | {DRAIN_ENV}
+    assert set(env(container(resources))) <= known
+
+
+def test_service_hpa_pdb_and_servicemonitor_point_at_the_deployment(rendered):
+    _, r = rendered
+    deployment, service = r["Deployment"], r["Service"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container(r)["ports"]}
+
+    hpa = r["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                     "name": deployment["metadata"]["name"]}
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "agentprm_queue_depth"
+    assert metric["pods"]["target"]["type"] == "AverageValue"
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    adapter = yaml.safe_load((K8S / "prometheus-adapter" / "values.yaml").read_text())
+    assert metric["pods"]["metric"]["name"] in {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
+
+    pdb = r["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= pod_labels.items()
+    # Fewer pods must be required than the HPA keeps, or a node drain could never evict one.
+    assert pdb["minAvailable"] < hpa["minReplicas"]
+
+    monitor = r["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics"
+
+
+def test_prometheus_rule_is_alerts_yml(rendered):
+    _, r = rendered
+    alerts = yaml.safe_load((REPO / "docker" / "prometheus" / "alerts.yml").read_text())
+    assert r["PrometheusRule"]["spec"]["groups"] == alerts["groups"], \
+        "run `python docker/k8s/make_prometheusrule.py` after editing docker/prometheus/alerts.yml"
+
+
+def test_renderer_rejects_what_it_cannot_render(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: [a.yaml]\nnamePrefix: x-\n")
+    with pytest.raises(kustomize.Unsupported):
+        kustomize.render(tmp_path)
+
+
+def test_manifests_validate_against_the_kubernetes_schemas(rendered):
+    validator = pytest.importorskip("kubernetes_validate", reason="the kubernetes-validate package is not installed")
+    _, resources = rendered
+    for resource in resources.values():
+        if resource["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # Prometheus Operator CRDs: no schema shipped; their fields are checked above
+        validator.validate(resource, "1.30.0", strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
+def test_kubectl_kustomize_renders_the_same(variant):
+    run = subprocess.run(["kubectl", "kustomize", str(OVERLAYS[variant])], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    theirs = by_kind([doc for doc in yaml.safe_load_all(run.stdout) if doc])
+    assert theirs == by_kind(kustomize.render(OVERLAYS[variant]))
