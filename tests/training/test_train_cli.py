@@ -105,3 +105,15 @@ def test_fine_tunes_a_hugging_face_folder_loading_its_safetensors(fork_data, tmp
     (hf / "model.safetensors").rename(hf / "pytorch_model.bin")
     assert train(tmp_path / "o2") == 2
     assert "pickle weights are never loaded" in capsys.readouterr().err
+
+
+def test_same_seed_same_weights_other_seed_other_weights(fork_data, tmp_path):
+    def weights(seed, name):
+        out = tmp_path / name
+        assert main(["train", "--data", str(fork_data), "--method", "agentprm", "--out", str(out), "--epochs", "1",
+                     "--batch-size", "8", "--seed", str(seed), *TINY]) == 0
+        return verify_checkpoint(out).files["backbone/model.safetensors"]
+
+    first = weights(0, "a")
+    assert weights(0, "b") == first
+    assert weights(1, "c") != first
