@@ -205,13 +205,19 @@ print(f"[build-local] /v1/score: 3 steps, promises {[round(s['promise'], 4) for 
 PY
 curl -sf "$url/metrics" | grep -q '^agentprm_requests_total{' || die "/metrics has no agentprm_requests_total"
 
-# Graceful stop: SIGTERM, as `docker stop` and Kubernetes send it.
-kill -TERM -- "-$SERVER_PID"
+# Graceful stop: SIGTERM to the server process, as `docker stop` and Kubernetes send it to PID 1. The server
+# drains (AGENTPRM_DRAIN_TIMEOUT_S) and exits 0; buildah run passes that exit code on.
+server_pid=$(ps -o pid=,args= -s "$SERVER_PID" | awk '$2 ~ /python/ && /agentprm serve/ {print $1; exit}')
+[[ -n "$server_pid" ]] || die "cannot find the server process under buildah run"
+kill -TERM "$server_pid"
 stopped=no
-for _ in $(seq 1 45); do alive "$SERVER_PID" 2>/dev/null || { stopped=yes; break; }; sleep 1; done
-[[ $stopped == yes ]] || die "the server did not stop within 45 s of SIGTERM"
+for _ in $(seq 1 60); do alive "$SERVER_PID" 2>/dev/null || { stopped=yes; break; }; sleep 1; done
+[[ $stopped == yes ]] || die "the server did not stop within 60 s of SIGTERM"
+stop_rc=0
+wait "$SERVER_PID" || stop_rc=$?
 SERVER_PID=""
-log "SIGTERM: stopped"
+if [[ $stop_rc -ne 0 ]]; then tail -n 20 "$WORK/server.log" >&2; die "after SIGTERM the server exited with $stop_rc, not 0"; fi
+log "SIGTERM: drained and exited 0"
 
 size=$(bah images --format '{{.Size}}' "$IMAGE" | head -n 1)
 printf 'image-test: OK  image %s  size %s  build time %ss\n' "$IMAGE" "$size" "$build_s"

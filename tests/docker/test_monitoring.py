@@ -7,6 +7,7 @@ the config and passes the alert unit tests in docker/prometheus/alerts_test.yml.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -170,8 +171,6 @@ def test_dashboard_is_loadable_and_its_panels_do_not_overlap():
 
 
 def _variables_in(expr: str) -> list[str]:
-    import re
-
     return re.findall(r"\$\{?(\w+)", expr)
 
 
@@ -261,3 +260,26 @@ def test_alerts_fire_for_a_troubled_instance_and_not_a_healthy_one():
     tested = {t["alertname"] for case in yaml.safe_load((DOCKER / "prometheus" / "alerts_test.yml").read_text())["tests"]
               for t in case["alert_rule_test"]}
     assert tested == {rule["alert"] for rule in alert_rules()}
+
+
+def test_metrics_reference_lists_exactly_the_exported_metrics(exported):
+    # The Deploy section of README.md (docker/README-deploy.md until it is merged there).
+    readme = (REPO / "README.md").read_text()
+    if "## Deploy" not in readme:
+        readme = (DOCKER / "README-deploy.md").read_text()
+    section = readme[readme.index("### Metrics reference"):]
+    documented = set(re.findall(r"^\| `(agentprm_\w+)`", section, flags=re.M))
+    families = {_family(name, exported) for name in exported if name.startswith("agentprm_")}
+    assert documented == families, (f"undocumented: {sorted(families - documented)}, "
+                                    f"documented but not exported: {sorted(documented - families)}")
+
+
+def _family(sample: str, exported: dict[str, set[str]]) -> str:
+    """The name a user queries: a histogram without its suffixes, a counter with _total."""
+    for suffix in ("_bucket", "_sum", "_count", "_created"):
+        base = sample[: -len(suffix)]
+        if sample.endswith(suffix) and f"{base}_bucket" in exported:
+            return base
+    if sample.endswith("_created") and f"{sample[: -len('_created')]}_total" in exported:
+        return f"{sample[: -len('_created')]}_total"
+    return sample
