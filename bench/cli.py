@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wait up to this many seconds for 1-min load < 1.5 before measuring [default 900; --quick 0]")
     p.add_argument("--no-profile", action="store_true", help="skip the in-process profile of our runner")
     p.add_argument("--analysis", default=None, help="a Markdown file added as 'What limits the figures'")
+    p.add_argument("--from-json", default=None,
+                   help="measure nothing: re-render --out from the --json record of an earlier run (with --analysis)")
 
 
 def register(subparsers) -> None:
@@ -232,8 +234,21 @@ def run_bench(args, log=print):
     return run
 
 
+def rerender(args) -> None:
+    """Rewrite the report from one run's JSON record (figures unchanged), e.g. to add the analysis."""
+    from bench.report import from_json, write_report
+
+    run = from_json(json.loads(Path(args.from_json).read_text()))
+    if args.analysis:
+        run.config["analysis"] = _read(args.analysis)
+    write_report(run, args.out)
+
+
 def cmd_bench(args) -> int:
-    run_bench(args)
+    if args.from_json:
+        rerender(args)
+    else:
+        run_bench(args)
     return 0
 
 

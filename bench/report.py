@@ -260,6 +260,17 @@ def render(run: RunResult) -> str:
         if p.get("gflops"):
             out.append(f"| in-process runner, {p['sequences']} x {p['tokens_per_seq']} tokens | "
                        f"{p['tok_s']:,.0f} | {p['gflops']:.1f} | {p['gflops'] / peak:.0%} | - | - |")
+        out += ["", "Where ours' time goes, per cell (from its /metrics over the cell): model-busy is the engine's batch "
+                "time; the rest of the wall time is HTTP, JSON, validation, rendering and scheduling (and client).", "",
+                "| cell | wall s | model-busy s | busy share | batches | padded / computed tokens |",
+                "|---|---|---|---|---|---|"]
+        for cell in model.cells:
+            sv = cell.server
+            if cell.system != "ours" or not cell.ok or not sv.get("model_seconds"):
+                continue
+            pad = sv.get("padded_tokens", 0) / sv["engine_computed_tokens"] if sv.get("engine_computed_tokens") else 0
+            out.append(f"| {cell.workload} c={cell.concurrency} | {cell.seconds:.2f} | {sv['model_seconds']:.2f} | "
+                       f"{sv['model_seconds'] / cell.seconds:.0%} | {sv.get('batches', 0):.0f} | {pad:.2f} |")
         if p.get("top_ops"):
             out += ["", f"Profile of the in-process runner on the long trajectories (torch.profiler, top ops by "
                         f"self CPU time, {p['profiled_s'] * 1000:.0f} ms total):", "",
@@ -309,6 +320,22 @@ def to_json(run: RunResult) -> dict:
         for cell in model["cells"]:
             cell["rps"] = cell["sent"] / cell["seconds"] if cell["seconds"] else 0.0
     return data
+
+
+def from_json(data: dict) -> RunResult:
+    """The RunResult a `to_json` record came from (to re-render a report, with an analysis, without re-measuring)."""
+    fields = set(CellResult.__dataclass_fields__)
+    models = []
+    for m in data.get("models", []):
+        cells = []
+        for c in m.get("cells", []):
+            cell = CellResult(**{k: v for k, v in c.items() if k in fields})
+            cell.pairs = [tuple(p) for p in cell.pairs]
+            cells.append(cell)
+        models.append(ModelRun(**{**m, "cells": cells}))
+    run = RunResult(**{**data, "models": models})
+    run.load_end = tuple(run.load_end)
+    return run
 
 
 def write_report(run: RunResult, path: Path | str, json_path: Path | str | None = None) -> None:
