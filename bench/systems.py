@@ -258,6 +258,7 @@ class Vllm(System):
 
         if not vp.vllm_installed():
             raise SystemError_(vp.SKIP_REASON)
+        (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
         export = vp.export_for_vllm(self.checkpoint, self.work_dir / "vllm-export", overwrite=True)
         self.export = export
         self.vserver = vp.VllmServer(export.path, self.port, pooling=self.POOLING, omp_threads_bind=self.THREADS_BIND,
