@@ -110,7 +110,9 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+base_start=$(date +%s)
 make_base
+base_s=$(( $(date +%s) - base_start ))
 
 # --- build ---------------------------------------------------------------------------------------------
 # The local CPU torch wheel reaches the build through a find-links page served on 127.0.0.1 (chroot
@@ -220,4 +222,4 @@ if [[ $stop_rc -ne 0 ]]; then tail -n 20 "$WORK/server.log" >&2; die "after SIGT
 log "SIGTERM: drained and exited 0"
 
 size=$(bah images --format '{{.Size}}' "$IMAGE" | head -n 1)
-printf 'image-test: OK  image %s  size %s  build time %ss\n' "$IMAGE" "$size" "$build_s"
+printf 'image-test: OK  image %s  size %s  build time %ss (base image %ss)\n' "$IMAGE" "$size" "$build_s" "$base_s"
