@@ -1,13 +1,17 @@
 """Typed SDK: requests and responses are the server's protocol models; errors carry the server's message.
 
-Retries: connection errors, 429 and 503 are retried with exponential backoff (honouring Retry-After),
-up to `max_retries` times; every other error is raised at once as `PRMError(message, code, type)`.
-Scoring is idempotent, so a retried request can never double-count anything.
+Retries: connection errors (refused, reset, timed out), 429 (queue full), 502 (a proxy whose upstream
+died mid-request) and 503 (not ready, draining) are retried with exponential backoff and jitter,
+honouring Retry-After (seconds or an HTTP date, capped by `backoff_cap_s`), up to `max_retries` times;
+every other error is raised at once as `PRMError(message, code, type)`. 504 is not retried: it is the
+request's own deadline. Scoring is idempotent, so a retried request can never double-count anything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -18,7 +22,7 @@ import httpx
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelList, RerankRequest, RerankResponse,
                                   ScoreRequest, ScoreResponse)
 
-RETRY_STATUS = (429, 503)
+RETRY_STATUS = (429, 502, 503)
 
 
 class PRMError(Exception):
@@ -38,9 +42,26 @@ def _error_from(response: httpx.Response) -> PRMError:
         return PRMError(response.text or response.reason_phrase, response.status_code, "http_error")
 
 
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), None when absent or unreadable."""
+    value = response.headers.get("retry-after", "").strip() if response is not None else ""
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
 def _backoff(attempt: int, response: httpx.Response | None, base: float, cap: float) -> float:
-    if response is not None and response.headers.get("retry-after", "").isdigit():
-        return min(cap, float(response.headers["retry-after"]))
+    told = _retry_after(response)
+    if told is not None:
+        return min(cap, told)
     return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
 
 

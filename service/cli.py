@@ -31,15 +31,22 @@ def _settings_from_args(args) -> "ServerSettings":
     return ServerSettings(**overrides)
 
 
-def _add_server_flags(p: argparse.ArgumentParser) -> None:
-    from service.settings import ServerSettings
+def _add_server_flags(p: argparse.ArgumentParser, serve: bool = True) -> None:
+    from service.settings import SERVE_ONLY, ServerSettings
 
     for name, field in ServerSettings.model_fields.items():
-        if name in ("host", "port", "log_level") and p.prog.endswith("score"):
+        if name in SERVE_ONLY and not serve:
             continue
-        kind = field.annotation if field.annotation in (int, float) else str
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None,
-                       help=f"{field.description or name} [env AGENTPRM_{name.upper()}; default {field.default}]")
+        flag = f"--{name.replace('_', '-')}"
+        default = field.default if field.default_factory is None else field.default_factory()
+        help_ = f"{field.description or name} [env AGENTPRM_{name.upper()}; default {default}]"
+        if field.annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif name == "api_key":
+            p.add_argument(flag, action="append", default=None, metavar="KEY", help=help_)
+        else:
+            kind = field.annotation if field.annotation in (int, float) else str
+            p.add_argument(flag, type=kind, default=None, help=help_)
 
 
 def build_engine(settings):
@@ -51,21 +58,39 @@ def build_engine(settings):
 
 
 def cmd_serve(args) -> int:
+    """Verify and load the checkpoint (all or nothing: refused before the port is bound), then serve until
+    drained (exit 0), the engine dies (3), or the drain times out (4); see service.api.server."""
+    import dataclasses
     import logging
 
-    import uvicorn
-
+    from service import logs
     from service.api.app import ApiConfig, create_app
+    from service.api.server import serve
 
     settings = _settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_level, settings.log_format)
+    log = logging.getLogger("agentprm.server")
+    try:
+        api_config = ApiConfig.from_settings(settings)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     engine = build_engine(settings)
-    print(f"agentprm: serving {engine.info.ref} on http://{settings.host}:{settings.port} "
-          f"(device {engine.device}, max_batch_tokens {settings.max_batch_tokens}, "
-          f"max_wait_ms {settings.max_wait_ms})", flush=True)
-    app = create_app(engine, engine.metrics, ApiConfig(max_body_bytes=settings.max_body_bytes))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    return 0
+    scheduler = getattr(engine, "scheduler", None)
+    if scheduler is not None and hasattr(scheduler.config, "max_consecutive_failures"):
+        scheduler.config = dataclasses.replace(scheduler.config,
+                                               max_consecutive_failures=settings.max_consecutive_failures)
+    if not api_config.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without API keys: anyone who can reach the port can use it "
+                    "(set --api-key-file or AGENTPRM_API_KEY)", settings.host)
+    banner = (f"serving {engine.info.ref} on http://{settings.host}:{settings.port} (device {engine.device}, "
+              f"max_batch_tokens {settings.max_batch_tokens}, max_wait_ms {settings.max_wait_ms}, "
+              f"auth {'on' if api_config.api_keys else 'off'})")
+    if settings.log_format == "json":
+        log.warning(banner, extra={"event": "start"})
+    else:
+        print(f"agentprm: {banner}", flush=True)
+    app = create_app(engine, engine.metrics, api_config)
+    return serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
 
 
 def _read_jsonl_trajectories(path: Path):
@@ -191,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output JSONL (default: stdout)")
     p.add_argument("--aggregate", default="last", choices=["last", "min", "mean", "prod"])
     p.add_argument("--chunk", type=int, default=64, help="trajectories per engine call")
-    _add_server_flags(p)
+    _add_server_flags(p, serve=False)
     p.set_defaults(func=cmd_score)
 
     model = sub.add_parser("model", help="checkpoint tools").add_subparsers(dest="model_command", required=True)

@@ -1,13 +1,23 @@
-"""Server settings: one BaseSettings class, read from AGENTPRM_* environment variables, overridden by CLI flags."""
+"""Server settings: one BaseSettings class, read from AGENTPRM_* environment variables, overridden by CLI flags.
+
+List settings (`api_key`) read a comma-separated environment variable (AGENTPRM_API_KEY=k1,k2) and a
+repeatable flag (--api-key k1 --api-key k2). `SERVE_ONLY` names the settings that only `agentprm serve`
+takes (offline `agentprm score` has no HTTP side).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "agentprm-babyai-small"
+
+SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
+                        "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
+                        "max_inflight_requests", "drain_timeout_s", "max_consecutive_failures"})
 
 
 class ServerSettings(BaseSettings):
@@ -23,10 +33,54 @@ class ServerSettings(BaseSettings):
     max_forward_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass inside a batch")
     max_queue_jobs: int = Field(4096, ge=1, description="Queued sequences beyond which requests get 429")
     max_queue_tokens: int = Field(1 << 20, ge=1, description="Queued tokens beyond which requests get 429")
+    max_inflight_requests: int = Field(1024, ge=1, description="Scoring requests in progress beyond which "
+                                                                "new ones get 429")
     max_trajectories: int = Field(256, ge=1, description="Trajectories per /v1/score request")
     max_candidates: int = Field(512, ge=1, description="Candidates per /v1/rerank or /v1/beam-expand request")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit (413 beyond)")
+    request_timeout_s: float = Field(30.0, gt=0, description="Default deadline of a scoring request (504 beyond); "
+                                                             "a request's timeout_s overrides it")
+    max_request_timeout_s: float = Field(300.0, gt=0, description="Cap on a request's own timeout_s")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may take "
+                                                           "to finish before the process exits")
+    max_consecutive_failures: int = Field(5, ge=0, description="Failed batches in a row after which the engine "
+                                                               "is declared dead and the process exits (0: never)")
+    api_key: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API key clients must send as 'Authorization: Bearer KEY' "
+                                          "(repeatable; env: comma-separated)")
+    api_key_file: str | None = Field(None, description="File with one API key per line (# comments allowed)")
+    metrics_auth: bool = Field(True, description="Whether /metrics needs a key when keys are set")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="text, or json (one JSON object per line)")
+    access_log: bool = Field(True, description="Log one line per request (id, route, status, latency, tokens) "
+                                               "at info level; never the body")
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = value.split(",")
+        return [k.strip() for item in value for k in str(item).split(",") if k.strip()]
+
+    def api_keys(self) -> tuple[str, ...]:
+        """Every configured key: flags/env first, then the key file. Raises ValueError on an unusable file."""
+        keys = list(self.api_key)
+        if self.api_key_file:
+            path = Path(self.api_key_file).expanduser()
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"{path}: cannot read the API key file ({exc.strerror or exc})") from None
+            from_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+            if not from_file:
+                raise ValueError(f"{path}: the API key file has no keys")
+            keys += from_file
+        for key in keys:
+            if any(c.isspace() for c in key) or not key.isprintable():
+                raise ValueError("an API key contains whitespace or unprintable characters")
+        return tuple(dict.fromkeys(keys))
 
     def engine_config(self):
         from service.engine.engine import EngineConfig

@@ -1,4 +1,10 @@
-"""The FastAPI application factory. Depends only on the EngineClient interface and the protocol models."""
+"""The FastAPI application factory. Depends only on the EngineClient interface and the protocol models.
+
+`ApiConfig` holds the HTTP-side limits: body size, API keys and whether /metrics needs one, the default
+and maximum request deadline, and the bound on scoring requests in progress. `app.state.server` is the
+`ServerState` (draining, in-flight count, engine failure) that the server runner (service.api.server)
+drives on SIGTERM and on engine death.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,38 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 
+from service.api.admission import ServerState
 from service.api.errors import install_error_handlers
 from service.api.middleware import ServiceMiddleware
 from service.api.routes import models, ops, scoring
 from service.engine.client import EngineClient
 from service.metrics import Metrics
 
+ALWAYS_PUBLIC = frozenset({"/health", "/ready"})
+
 
 @dataclass(frozen=True)
 class ApiConfig:
     max_body_bytes: int = 8 * 1024 * 1024
+    api_keys: tuple[str, ...] = ()
+    metrics_auth: bool = True  # with keys set, /metrics needs one too
+    request_timeout_s: float = 30.0
+    max_request_timeout_s: float = 300.0
+    max_inflight_requests: int = 1024
+    access_log: bool = True
+
+    @property
+    def public_paths(self) -> frozenset[str]:
+        return ALWAYS_PUBLIC if self.metrics_auth else ALWAYS_PUBLIC | {"/metrics"}
+
+    @classmethod
+    def from_settings(cls, settings) -> "ApiConfig":
+        return cls(max_body_bytes=settings.max_body_bytes, api_keys=settings.api_keys(),
+                   metrics_auth=settings.metrics_auth, request_timeout_s=settings.request_timeout_s,
+                   max_request_timeout_s=settings.max_request_timeout_s,
+                   max_inflight_requests=settings.max_inflight_requests, access_log=settings.access_log)
 
 
 def create_app(engine: EngineClient, metrics: Metrics | None = None, config: ApiConfig = ApiConfig()) -> FastAPI:
@@ -35,8 +62,46 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
                               "Best-of-N reranking and step-level beam search.")
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.config = config
+    app.state.server = ServerState(request_timeout_s=config.request_timeout_s,
+                                   max_timeout_s=config.max_request_timeout_s,
+                                   max_inflight=config.max_inflight_requests)
+    _export_inflight(metrics, app.state.server)
     install_error_handlers(app)
     for router in (scoring, models, ops):
         app.include_router(router)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes)
+    if config.api_keys:
+        _document_auth(app, config.public_paths)
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
+                       api_keys=config.api_keys, public_paths=config.public_paths, log_access=config.access_log)
     return app
+
+
+def _export_inflight(metrics: Metrics, state: ServerState) -> None:
+    """agentprm_inflight_requests: scoring requests admitted and not yet answered (what a drain waits for)."""
+    gauge = getattr(metrics, "inflight_requests", None)
+    if gauge is None:
+        gauge = Gauge("agentprm_inflight_requests", "Scoring requests admitted and not yet answered",
+                      registry=metrics.registry)
+        metrics.inflight_requests = gauge
+    gauge.set_function(lambda: state.inflight)
+
+
+def _document_auth(app: FastAPI, public: frozenset[str]) -> None:
+    """Declare the Bearer scheme in /openapi.json: required everywhere except the public paths."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                "type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"}
+            schema["security"] = [{"bearer": []}]
+            for path, item in schema.get("paths", {}).items():
+                if path in public:
+                    for operation in item.values():
+                        operation["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -1,4 +1,11 @@
-"""Error handlers: every error is `{"error": {"message", "type", "code"}}`; a 500 never leaks a traceback."""
+"""Error handlers: every error is `{"error": {"message", "type", "code"}}`; a 500 never leaks a traceback.
+
+Unexpected exceptions are turned into the 500 shape by the middleware (service.api.middleware), so that
+the response still carries the request id.
+
+429 (overloaded) and 503 (not ready, draining) carry `Retry-After`. A 5xx is logged with the request id.
+A request whose client went away gets 499 (nginx's convention); nobody reads it, the metrics count it.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.admission import ClientClosed
 from service.engine.errors import EngineError, Overloaded
 
 log = logging.getLogger("agentprm.api")
 
 _HTTP_TYPES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                429: "overloaded", 503: "not_ready"}
+CLIENT_CLOSED = 499
 
 
 def error_response(code: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
@@ -39,6 +48,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (not UTF-8 JSON): DESIGN says 422
+            return error_response(422, "invalid_request", f"body: {exc.detail} (send UTF-8 JSON)")
         return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))
 
@@ -47,12 +58,14 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = None
         if isinstance(exc, Overloaded):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        if exc.code >= 500:
-            log.error("request %s failed: %s", getattr(request.state, "request_id", "-"), exc.message)
+        elif exc.code == 503:
+            headers = {"Retry-After": "1"}
+        if exc.code >= 500:  # 500: something broke (error); 503/504: load or lifecycle (warning)
+            request_id = getattr(request.state, "request_id", "-")
+            log.log(logging.ERROR if exc.code == 500 else logging.WARNING, "request %s failed: %s", request_id,
+                    exc.message, extra={"request_id": request_id, "status": exc.code})
         return error_response(exc.code, exc.type, exc.message, headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        request_id = getattr(request.state, "request_id", "-")
-        log.exception("unhandled error in request %s", request_id)
-        return error_response(500, "internal_error", f"internal server error (request id {request_id})")
+    @app.exception_handler(ClientClosed)
+    async def _client_closed(request: Request, exc: ClientClosed):
+        return error_response(CLIENT_CLOSED, "client_closed_request", "the client closed the connection")

@@ -15,6 +15,13 @@ from service.engine import types as E
 Aggregate = Literal["last", "min", "mean", "prod"]
 
 
+def _timeout_field():
+    return Field(default=None, gt=0, le=86400,
+                 description="Deadline of this request in seconds (504 beyond it; its remaining work is dropped). "
+                             "Default: the server's request timeout; values above the server's cap are lowered "
+                             "to the cap.")
+
+
 class _In(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -36,6 +43,7 @@ class ScoreRequest(_In):
     model: str = "default"
     trajectories: list[TrajectoryIn] = Field(min_length=1)
     aggregate: Aggregate = "last"
+    timeout_s: float | None = _timeout_field()
 
 
 class StepOut(BaseModel):
@@ -85,6 +93,7 @@ class RerankRequest(_In):
     candidates: list[CandidateIn] = Field(min_length=1)
     aggregate: Aggregate = "last"
     top_n: int | None = Field(default=None, ge=1, description="Return only the best top_n candidates")
+    timeout_s: float | None = _timeout_field()
 
     def to_engine(self) -> list[tuple[E.Step, ...]]:
         return [tuple(E.Step(s.observation, s.action) for s in c.steps) for c in self.candidates]
@@ -122,6 +131,7 @@ class BeamExpandRequest(_In):
     model: str = "default"
     beam_width: int = Field(ge=1, description="How many (beam, candidate) pairs survive")
     beams: list[BeamIn] = Field(min_length=1)
+    timeout_s: float | None = _timeout_field()
 
 
 class Selected(BaseModel):

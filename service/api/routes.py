@@ -1,10 +1,15 @@
-"""Route handlers: thin; each converts its request into engine parameters and the result back."""
+"""Route handlers: thin; each converts its request into engine parameters and the result back.
+
+Scoring routes run their engine call through `admission.guarded` (drain, in-flight bound, deadline,
+client disconnect) and leave the token usage in `request.state.usage` for the access log.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from service.api.deps import EngineDep, RequestIdDep
+from service.api.admission import guarded
+from service.api.deps import EngineDep
 from service.api.errors import error_response
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ErrorResponse, ModelCard, ModelList,
                                   RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, Status)
@@ -15,31 +20,41 @@ _ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 
 scoring = APIRouter(prefix="/v1", tags=["scoring"], responses=_ERRORS)
 
 
+def _request_id(request: Request) -> str:
+    return getattr(request.state, "request_id", "")
+
+
 @scoring.post("/score", response_model=ScoreResponse)
-async def score(body: ScoreRequest, engine: EngineDep, request_id: RequestIdDep) -> ScoreResponse:
+async def score(body: ScoreRequest, engine: EngineDep, request: Request) -> ScoreResponse:
     """Score whole trajectories: a promise and a progress for every step, from one forward pass each."""
-    out = await engine.score(body.model, [t.to_engine() for t in body.trajectories], body.aggregate,
-                             request_id=request_id)
+    out = await guarded(request, lambda: engine.score(body.model, [t.to_engine() for t in body.trajectories],
+                                                      body.aggregate, request_id=_request_id(request)),
+                        body.timeout_s)
+    request.state.usage = out.usage
     return ScoreResponse.from_engine(out)
 
 
 @scoring.post("/rerank", response_model=RerankResponse)
-async def rerank(body: RerankRequest, engine: EngineDep, request_id: RequestIdDep) -> RerankResponse:
+async def rerank(body: RerankRequest, engine: EngineDep, request: Request) -> RerankResponse:
     """Best-of-N: score candidate trajectories of one task and return them sorted best first."""
-    out = await engine.rerank(body.model, body.task, body.to_engine(), body.aggregate, body.top_n,
-                              request_id=request_id)
+    out = await guarded(request, lambda: engine.rerank(body.model, body.task, body.to_engine(), body.aggregate,
+                                                       body.top_n, request_id=_request_id(request)),
+                        body.timeout_s)
+    request.state.usage = out.usage
     return RerankResponse.from_engine(out)
 
 
 @scoring.post("/beam-expand", response_model=BeamExpandResponse)
-async def beam_expand(body: BeamExpandRequest, engine: EngineDep, request_id: RequestIdDep) -> BeamExpandResponse:
+async def beam_expand(body: BeamExpandRequest, engine: EngineDep, request: Request) -> BeamExpandResponse:
     """One step of step-level beam search: score every candidate action of every beam, keep the top beam_width."""
-    out = await engine.expand(body.model, [b.to_engine() for b in body.beams], body.beam_width,
-                              request_id=request_id)
+    out = await guarded(request, lambda: engine.expand(body.model, [b.to_engine() for b in body.beams],
+                                                       body.beam_width, request_id=_request_id(request)),
+                        body.timeout_s)
+    request.state.usage = out.usage
     return BeamExpandResponse.from_engine(out)
 
 
-models = APIRouter(prefix="/v1", tags=["models"], responses=_ERRORS)
+models = APIRouter(prefix="/v1", tags=["models"], responses={401: {"model": ErrorResponse}})
 
 
 @models.get("/models", response_model=ModelList)
@@ -49,27 +64,32 @@ async def list_models(engine: EngineDep) -> ModelList:
 
 
 ops = APIRouter(tags=["operations"])
+_NOT_READY = {503: {"model": ErrorResponse}}
 
 
-@ops.get("/health", response_model=Status)
-async def health(engine: EngineDep):
-    """Liveness: the process answers and its engine has not died."""
+@ops.get("/health", response_model=Status, responses=_NOT_READY)
+async def health(engine: EngineDep, request: Request):
+    """Liveness: the process answers and its engine has not died (stays 200 while draining)."""
     state = await engine.check_health()
-    if not state.live:
-        return error_response(503, "not_live", state.detail)
+    fatal = request.app.state.server.fatal
+    if not state.live or fatal:
+        return error_response(503, "not_live", fatal or state.detail or "engine not running")
     return Status(status="ok")
 
 
-@ops.get("/ready", response_model=Status, responses={503: {"model": ErrorResponse}})
-async def ready(engine: EngineDep):
-    """Readiness: the model is loaded and the engine accepts work."""
+@ops.get("/ready", response_model=Status, responses=_NOT_READY)
+async def ready(engine: EngineDep, request: Request):
+    """Readiness: the model is loaded, the engine accepts work, and the server is not draining."""
+    server = request.app.state.server
+    if server.draining:
+        return error_response(503, "draining", "the server is draining (shutting down)", {"Retry-After": "1"})
     state = await engine.check_health()
-    if not state.ready:
-        return error_response(503, "not_ready", state.detail or "not ready")
+    if not state.ready or server.fatal:
+        return error_response(503, "not_ready", server.fatal or state.detail or "not ready")
     return Status(status="ready", model=engine.models()[0].ref)
 
 
-@ops.get("/metrics", response_class=Response)
+@ops.get("/metrics", response_class=Response, responses={401: {"model": ErrorResponse}})
 async def metrics(request: Request) -> Response:
     """Prometheus metrics (prefix agentprm_, base units)."""
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

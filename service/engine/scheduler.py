@@ -3,9 +3,18 @@
 `submit(jobs)` enqueues a request's jobs and awaits their results. The batching loop waits for the
 first job, then up to `max_wait_s` for more unless the token budget is already full; it pops jobs in
 arrival order up to the budget (a job too big for the remaining budget goes back to the head of the
-queue; one larger than the whole budget runs alone), skips jobs whose request was cancelled (client gone),
-runs the batch in a single worker thread, and resolves each job's future. A failing batch fails only the
-futures of its own jobs. Queue bounds (jobs, tokens) make `submit` raise `Overloaded` at once.
+queue; one larger than the whole budget runs alone), runs the batch in a single worker thread, and
+resolves each job's future.
+
+Admission and cancellation: queue bounds (jobs, tokens) make `submit` raise `Overloaded` at once, with a
+Retry-After estimated from the queued tokens and the measured throughput. When a request is cancelled
+(deadline, client gone) its queued jobs leave the queue at once and are never computed.
+
+Faults: a failing batch fails only the futures of its own jobs (`BatchFailed`, logged with the request
+ids). The engine is declared dead -- `alive` turns False, queued work fails with `NotReady`, `failure`
+says why -- when the error is one a process cannot recover from (a CUDA error), when
+`max_consecutive_failures` batches in a row fail, or when the loop itself crashes. Whoever owns the
+process (service.api.server) then exits non-zero so an orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +34,20 @@ from service.engine.errors import BatchFailed, NotReady, Overloaded
 from service.engine.runner import ScoreJob
 
 log = logging.getLogger("agentprm.scheduler")
+
+# Substrings of errors after which a CUDA context is unusable (sticky errors): the process must restart.
+FATAL_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
+                 "illegal memory access", "NCCL error")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """True for errors after which the device (and so this process) cannot serve again."""
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError: that batch only
+        return False
+    if type(exc).__name__ == "AcceleratorError":  # torch >= 2.8 raises this for CUDA runtime errors
+        return True
+    text = str(exc)
+    return any(marker in text for marker in FATAL_MARKERS)
 
 
 @dataclass
@@ -44,6 +68,8 @@ class SchedulerConfig:
     max_wait_s: float = 0.005
     max_queue_jobs: int = 4096
     max_queue_tokens: int = 1 << 20
+    max_consecutive_failures: int = 5  # 0: never give up
+    max_retry_after_s: float = 30.0
 
 
 class Scheduler:
@@ -59,17 +85,31 @@ class Scheduler:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentprm-model")
         self._closed = False
         self.batches_run = 0
+        self.batches_failed = 0
+        self.consecutive_failures = 0
         self.last_error: BaseException | None = None
+        self.failure: str | None = None  # why the engine died; None while it serves
+        self._tokens_per_s = 0.0  # moving average of the measured throughput (Retry-After estimates)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="agentprm-scheduler")
+            self._task.add_done_callback(self._on_loop_exit)
 
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def _on_loop_exit(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._closed:
+            return
+        exc = task.exception()
+        if exc is not None and self.failure is None:
+            self.failure = f"scheduler loop crashed: {type(exc).__name__}: {exc}"
+            log.critical("%s", self.failure, exc_info=exc)
+        self._fail_queued(NotReady(f"the engine failed ({self.failure or 'stopped'})"))
 
     async def stop(self) -> None:
         self._closed = True
@@ -79,12 +119,15 @@ class Scheduler:
                 await self._task
             except (asyncio.CancelledError, Exception):
                 pass
+        self._fail_queued(NotReady("the engine is shutting down"))
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _fail_queued(self, error: Exception) -> None:
         for entry in self._queue:
             if not entry.future.done():
-                entry.future.set_exception(NotReady("the engine is shutting down"))
+                entry.future.set_exception(error)
         self._queue.clear()
         self._queued_tokens = 0
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
     # -- queue -----------------------------------------------------------------------------------
     @property
@@ -95,15 +138,22 @@ class Scheduler:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    def retry_after_s(self) -> float:
+        """How long until the queued tokens are likely computed (at least 1 s, at most the configured cap)."""
+        if self._tokens_per_s <= 0:
+            return 1.0
+        return float(min(self.config.max_retry_after_s, max(1.0, math.ceil(self._queued_tokens / self._tokens_per_s))))
+
     async def submit(self, jobs: list[ScoreJob], tag: str = "") -> list[np.ndarray]:
         if self._closed or not self.alive:
-            raise NotReady("the engine is not running")
+            raise NotReady(f"the engine is not running ({self.failure})" if self.failure
+                           else "the engine is not running")
         tokens = sum(len(j.ids) for j in jobs)
         cfg = self.config
         if self._queue and (len(self._queue) + len(jobs) > cfg.max_queue_jobs
                             or self._queued_tokens + tokens > cfg.max_queue_tokens):
             raise Overloaded(f"queue full ({len(self._queue)} jobs, {self._queued_tokens} tokens queued)",
-                             retry_after_s=1.0)
+                             retry_after_s=self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [_Entry(job, loop.create_future(), now, tag) for job in jobs]
@@ -113,10 +163,19 @@ class Scheduler:
         try:
             return list(await asyncio.gather(*(e.future for e in entries)))
         except BaseException:
-            for e in entries:  # the client went away or a sibling failed: drop what is still queued
-                if not e.future.done():
-                    e.future.cancel()
+            self._drop(entries)  # deadline, client gone, or a sibling failed: never compute the rest
             raise
+
+    def _drop(self, entries: list[_Entry]) -> None:
+        dropped = False
+        for e in entries:  # gather() may already have cancelled them
+            if not e.future.done():
+                e.future.cancel()
+            dropped = dropped or e.future.cancelled()
+        if dropped:
+            kept = collections.deque(e for e in self._queue if not e.future.done())
+            self._queued_tokens = sum(e.tokens for e in kept)
+            self._queue = kept
 
     def _pop_batch(self) -> list[_Entry]:
         budget = self.config.max_batch_tokens
@@ -161,17 +220,44 @@ class Scheduler:
             start = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, jobs)
-            except Exception as exc:  # fail this batch's requests only; keep serving
-                self.last_error = exc
-                tags = sorted({e.tag for e in batch if e.tag})
-                log.exception("batch of %d jobs failed (requests %s)", len(batch), ", ".join(tags) or "-")
-                for e in batch:
-                    if not e.future.done():
-                        e.future.set_exception(BatchFailed(f"scoring failed: {type(exc).__name__}"))
+                if len(outputs) != len(jobs):
+                    raise RuntimeError(f"runner returned {len(outputs)} results for {len(jobs)} jobs")
+            except Exception as exc:  # fail this batch's requests only; keep serving if we can
+                if self._batch_failed(batch, exc):
+                    return
                 continue
+            seconds = time.perf_counter() - start
             self.batches_run += 1
-            if self.on_batch is not None:
-                self.on_batch(jobs, time.perf_counter() - start)
+            self.consecutive_failures = 0
             for e, out in zip(batch, outputs):
                 if not e.future.done():
                     e.future.set_result(out)
+            rate = sum(e.tokens for e in batch) / max(seconds, 1e-6)
+            self._tokens_per_s = rate if self._tokens_per_s <= 0 else 0.8 * self._tokens_per_s + 0.2 * rate
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(jobs, seconds)
+                except Exception:  # metrics must never take the engine down
+                    log.exception("batch callback failed")
+
+    def _batch_failed(self, batch: list[_Entry], exc: Exception) -> bool:
+        """Fail the batch's requests; return True when the engine must stop for good."""
+        self.last_error = exc
+        self.batches_failed += 1
+        self.consecutive_failures += 1
+        tags = sorted({e.tag for e in batch if e.tag})
+        log.error("batch of %d jobs failed (requests %s): %s: %s", len(batch), ", ".join(tags) or "-",
+                  type(exc).__name__, exc, exc_info=exc)
+        for e in batch:
+            if not e.future.done():
+                e.future.set_exception(BatchFailed(f"scoring failed: {type(exc).__name__}"))
+        limit = self.config.max_consecutive_failures
+        if is_fatal(exc):
+            self.failure = f"unrecoverable device error: {type(exc).__name__}: {exc}"
+        elif limit and self.consecutive_failures >= limit:
+            self.failure = f"{self.consecutive_failures} consecutive batches failed (last: {type(exc).__name__}: {exc})"
+        if self.failure is None:
+            return False
+        log.critical("engine is dead: %s", self.failure)
+        self._fail_queued(NotReady(f"the engine failed ({self.failure})"))
+        return True

@@ -146,3 +146,35 @@ def test_unexpected_engine_failure_is_500_without_traceback(tiny_checkpoint):
         assert_error(r, 500)
         assert "secret internal detail" not in r.text
         assert c.post("/v1/score", json={"trajectories": [trajectory_json("t", 2)]}).status_code == 200
+
+
+def test_a_body_that_is_not_utf8_is_422(client):
+    r = client.post("/v1/score", content=b'{"trajectories": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert_error(r, 422, "UTF-8")
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1, "soon", 10**6])
+def test_an_invalid_timeout_is_422(client, timeout_s):
+    body = {"trajectories": [trajectory_json("t", 1)], "timeout_s": timeout_s}
+    assert_error(client.post("/v1/score", json=body), 422, "timeout_s")
+
+
+def test_draining_turns_ready_and_scoring_to_503_but_not_health(tiny_checkpoint):
+    engine = PRMEngine.from_checkpoint(tiny_checkpoint, EngineConfig(device="cpu"))
+    app = create_app(engine)
+    with TestClient(app) as c:
+        assert c.post("/v1/score", json={"trajectories": [trajectory_json("t", 1)]}).status_code == 200
+        app.state.server.begin_drain()
+        ready = c.get("/ready")
+        assert_error(ready, 503, "draining")
+        for path, body in (("/v1/score", {"trajectories": [trajectory_json("t", 1)]}),
+                           ("/v1/rerank", {"task": "t", "candidates": [{"steps": trajectory_json("t", 1)["steps"]}]}),
+                           ("/v1/beam-expand", {"beam_width": 1, "beams": [{"trajectory": {"task": "t"},
+                                                                             "observation": "o",
+                                                                             "candidates": ["a"]}]})):
+            r = c.post(path, json=body)
+            assert_error(r, 503, "draining")
+            assert r.json()["error"]["type"] == "draining" and r.headers["retry-after"] == "1"
+        assert c.get("/health").status_code == 200
+        assert c.get("/v1/models").status_code == 200
+        assert "agentprm_inflight_requests 0.0" in c.get("/metrics").text

@@ -1,0 +1,108 @@
+"""Admission control around every engine call: drain, in-flight bound, deadline, client disconnect.
+
+`ServerState` is the process-wide serving state the HTTP layer and the server runner share: whether the
+server is draining (SIGTERM), how many scoring requests are in progress, and why the engine died (if it
+did). `guarded(request, call, timeout_s)` runs one scoring call under those rules:
+
+- draining -> 503 `draining` (with Retry-After), before any work is queued;
+- more than `max_inflight` scoring requests in progress -> 429 with Retry-After;
+- the call runs under a deadline (the request's own `timeout_s`, capped by `max_timeout_s`, else the
+  server default); past it the call is cancelled -- its queued jobs leave the scheduler's queue and are
+  never computed -- and the client gets 504;
+- when the client disconnects the call is cancelled the same way (the response, 499, goes nowhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, TypeVar
+
+from fastapi import Request
+
+from service.engine.errors import DeadlineExceeded, NotReady, Overloaded
+
+log = logging.getLogger("agentprm.api")
+T = TypeVar("T")
+
+
+class Draining(NotReady):
+    type = "draining"
+
+
+class ClientClosed(Exception):
+    """The client went away before its response was ready; its work was cancelled."""
+
+
+@dataclass
+class ServerState:
+    request_timeout_s: float = 30.0
+    max_timeout_s: float = 300.0
+    max_inflight: int = 1024
+    draining: bool = False
+    drain_started: float | None = None
+    inflight: int = 0
+    fatal: str | None = None
+    counts: dict = field(default_factory=lambda: {"deadline": 0, "disconnected": 0, "drain_refused": 0})
+
+    def begin_drain(self) -> None:
+        """Stop taking scoring work. Safe to call from a signal handler (plain attribute writes)."""
+        if not self.draining:
+            self.drain_started = time.monotonic()
+            self.draining = True
+
+    def deadline_s(self, requested: float | None) -> float:
+        if requested is None:
+            return min(self.request_timeout_s, self.max_timeout_s)
+        return min(float(requested), self.max_timeout_s)
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client has gone away. Blocks on the ASGI receive channel (no polling)."""
+    while True:
+        try:
+            message = await request.receive()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a server that cannot tell us: never treat that as a disconnect
+            await asyncio.Event().wait()
+        if message.get("type") == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # an unexpected message (pipelining): don't spin
+
+
+async def guarded(request: Request, call: Callable[[], Awaitable[T]], timeout_s: float | None) -> T:
+    state: ServerState = request.app.state.server
+    if state.draining:
+        state.counts["drain_refused"] += 1
+        raise Draining("the server is draining (shutting down); retry on another replica")
+    if state.fatal:
+        raise NotReady(f"the engine failed ({state.fatal}); the server is restarting")
+    if state.inflight >= state.max_inflight:
+        raise Overloaded(f"too many requests in progress ({state.inflight}); retry later", retry_after_s=1.0)
+    deadline = state.deadline_s(timeout_s)
+    state.inflight += 1
+    work = asyncio.ensure_future(call())
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((work, watcher), timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)  # let the cancellation drop the queued jobs
+        request_id = getattr(request.state, "request_id", "-")
+        if watcher in done:
+            state.counts["disconnected"] += 1
+            log.info("client of request %s disconnected; its work was dropped", request_id,
+                     extra={"request_id": request_id, "event": "client_disconnected"})
+            raise ClientClosed()
+        state.counts["deadline"] += 1
+        raise DeadlineExceeded(f"the request did not finish within its deadline of {deadline:g} s; its remaining "
+                               "work was dropped (raise timeout_s, or send less per request)")
+    finally:
+        state.inflight -= 1
+        for task in (work, watcher):
+            if not task.done():
+                task.cancel()
