@@ -55,7 +55,47 @@ def profile(checkpoint: str, tokens: int, sequences: int, seed: int = 0, top: in
     n_tokens = sum(len(j.ids) for j in timed)
     return {"sequences": sequences, "tokens_per_seq": round(n_tokens / sequences), "seconds": seconds,
             "tok_s": n_tokens / seconds, "gflops": flops / seconds / 1e9, "profiled_s": profiled_s,
-            "threads": torch.get_num_threads(), "top_ops": top_ops}
+            "threads": torch.get_num_threads(), "top_ops": top_ops, "w3_call": _w3_call(engine, builder, gen)}
+
+
+def _w3_call(engine, builder, gen, step: int = 8) -> dict:
+    """One mid-episode beam-expand call through the engine (after the call before it, which warms the cache):
+    how many forward passes it takes, their padded tokens, and the time."""
+    import asyncio
+
+    from service.engine.types import Beam, Step, Trajectory
+
+    calls = builder.episode(gen, "profile/W3", upto=step + 1)[step - 1: step + 1]
+
+    def beams(req):
+        return [Beam(Trajectory(b["trajectory"]["task"], tuple(Step(s["observation"], s["action"])
+                                                               for s in b["trajectory"]["steps"])),
+                     b["observation"], tuple(b["candidates"])) for b in req.body["beams"]]
+
+    passes = {"forwards": 0, "padded_tokens": 0, "batch_shapes": []}
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        passes["forwards"] += 1
+        passes["padded_tokens"] += int(ids.numel())
+        passes["batch_shapes"].append(list(ids.shape))
+
+    async def go():
+        await engine.start()
+        try:
+            await engine.expand("default", beams(calls[0]), 8)
+            handle = engine.loaded.model.backbone.register_forward_pre_hook(count, with_kwargs=True)
+            t = time.perf_counter()
+            out = await engine.expand("default", beams(calls[1]), 8)
+            seconds = time.perf_counter() - t
+            handle.remove()
+            return seconds, out
+        finally:
+            await engine.shutdown()
+
+    seconds, out = asyncio.run(go())
+    return {"step": step, "seconds": seconds, "computed_tokens": out.usage.computed_tokens,
+            "prompt_tokens": out.usage.prompt_tokens, **passes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,6 +276,13 @@ def render(run: RunResult) -> str:
                         f"self CPU time, {p['profiled_s'] * 1000:.0f} ms total):", "",
                     "| op | self CPU ms | share | calls |", "|---|---|---|---|"]
             out += [f"| `{o['name']}` | {o['self_ms']:.1f} | {o['share']:.0%} | {o['calls']} |" for o in p["top_ops"]]
+        w3 = p.get("w3_call")
+        if w3:
+            shapes = ", ".join("x".join(map(str, sh)) for sh in w3["batch_shapes"][:24])
+            out += ["", f"One W3 call in-process (step {w3['step']}, right after the agent's previous call): "
+                        f"{w3['forwards']} forward passes (batch x new tokens: {shapes}), {w3['padded_tokens']:,} "
+                        f"padded tokens, {w3['computed_tokens']:,} computed of {w3['prompt_tokens']:,}, "
+                        f"{w3['seconds'] * 1000:.0f} ms ({w3['seconds'] * 1000 / max(1, w3['forwards']):.1f} ms per pass)."]
         if p.get("error"):
             out += ["", f"Profile failed: {p['error']}"]
         out.append("")
