@@ -76,8 +76,8 @@ def cmd_serve(args) -> int:
         raise UserError(str(exc)) from None
     engine = build_engine(settings)
     scheduler = getattr(engine, "scheduler", None)
-    if scheduler is not None and hasattr(scheduler.config, "max_consecutive_failures"):
-        scheduler.config = dataclasses.replace(scheduler.config,
+    if scheduler is not None and hasattr(scheduler.config, "max_queue_delay_s"):  # not in EngineConfig (yet)
+        scheduler.config = dataclasses.replace(scheduler.config, max_queue_delay_s=settings.max_queue_delay_s,
                                                max_consecutive_failures=settings.max_consecutive_failures)
     if not api_config.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach the port can use it "

@@ -17,7 +17,8 @@ DEFAULT_MODEL = "agentprm-babyai-small"
 
 SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
                         "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
-                        "max_inflight_requests", "drain_timeout_s", "max_consecutive_failures"})
+                        "max_inflight_requests", "drain_timeout_s", "max_consecutive_failures",
+                        "max_queue_delay_s"})
 
 
 class ServerSettings(BaseSettings):
@@ -33,6 +34,8 @@ class ServerSettings(BaseSettings):
     max_forward_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass inside a batch")
     max_queue_jobs: int = Field(4096, ge=1, description="Queued sequences beyond which requests get 429")
     max_queue_tokens: int = Field(1 << 20, ge=1, description="Queued tokens beyond which requests get 429")
+    max_queue_delay_s: float = Field(10.0, ge=0, description="Queued work, in seconds at the measured throughput, "
+                                                             "beyond which requests get 429 (0: no bound)")
     max_inflight_requests: int = Field(1024, ge=1, description="Scoring requests in progress beyond which "
                                                                 "new ones get 429")
     max_trajectories: int = Field(256, ge=1, description="Trajectories per /v1/score request")

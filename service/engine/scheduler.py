@@ -6,8 +6,10 @@ arrival order up to the budget (a job too big for the remaining budget goes back
 queue; one larger than the whole budget runs alone), runs the batch in a single worker thread, and
 resolves each job's future.
 
-Admission and cancellation: queue bounds (jobs, tokens) make `submit` raise `Overloaded` at once, with a
-Retry-After estimated from the queued tokens and the measured throughput. When a request is cancelled
+Admission and cancellation: queue bounds make `submit` raise `Overloaded` at once -- in jobs, in tokens,
+and in time (`max_queue_delay_s`: the queued tokens at the measured throughput, so that under sustained
+overload admitted requests still finish well within their deadlines) -- with a Retry-After estimated
+from the queued tokens and the measured throughput. When a request is cancelled
 (deadline, client gone) its queued jobs leave the queue at once and are never computed.
 
 Faults: a failing batch fails only the futures of its own jobs (`BatchFailed`, logged with the request
@@ -68,6 +70,7 @@ class SchedulerConfig:
     max_wait_s: float = 0.005
     max_queue_jobs: int = 4096
     max_queue_tokens: int = 1 << 20
+    max_queue_delay_s: float = 10.0  # refuse when the queued work would take longer than this (0: no bound)
     max_consecutive_failures: int = 5  # 0: never give up
     max_retry_after_s: float = 30.0
 
@@ -138,6 +141,10 @@ class Scheduler:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    def queue_delay_s(self) -> float:
+        """Seconds the queued tokens take at the measured throughput (0 until a batch has been measured)."""
+        return self._queued_tokens / self._tokens_per_s if self._tokens_per_s > 0 else 0.0
+
     def retry_after_s(self) -> float:
         """How long until the queued tokens are likely computed (at least 1 s, at most the configured cap)."""
         if self._tokens_per_s <= 0:
@@ -154,6 +161,10 @@ class Scheduler:
                             or self._queued_tokens + tokens > cfg.max_queue_tokens):
             raise Overloaded(f"queue full ({len(self._queue)} jobs, {self._queued_tokens} tokens queued)",
                              retry_after_s=self.retry_after_s())
+        delay = self.queue_delay_s()
+        if self._queue and cfg.max_queue_delay_s and delay > cfg.max_queue_delay_s:
+            raise Overloaded(f"queue full (about {delay:.1f} s of work queued; the bound is "
+                             f"{cfg.max_queue_delay_s:g} s)", retry_after_s=self.retry_after_s())
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [_Entry(job, loop.create_future(), now, tag) for job in jobs]

@@ -254,3 +254,32 @@ def test_retry_after_grows_with_the_queued_work():
         return info.value.retry_after_s
 
     assert asyncio.run(go()) == 3.0
+
+
+def test_queued_work_is_bounded_in_seconds_too():
+    gate = threading.Event()
+
+    def slow(jobs):
+        gate.wait(5)
+        return [np.array([1.0]) for _ in jobs]
+
+    async def go():
+        s = Scheduler(slow, SchedulerConfig(max_batch_tokens=100, max_wait_s=0.0, max_queue_delay_s=2.5))
+        s.start()
+        s._tokens_per_s = 100.0  # as if measured: 100 tokens/s
+        tasks = [asyncio.create_task(s.submit([job(100)]))]
+        await asyncio.sleep(0.05)  # running, held at the gate
+        # Each is admitted while the queue ahead of it holds at most 2.5 s of work (0, 1, 2 s): 3 s queued.
+        tasks += [asyncio.create_task(s.submit([job(100)])) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        queued = s.queue_depth
+        with pytest.raises(Overloaded) as info:
+            await s.submit([job(10)])
+        gate.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await s.stop()
+        return queued, info.value, results
+
+    queued, refused, results = asyncio.run(go())
+    assert queued == 3 and "3.0 s of work queued" in refused.message and refused.retry_after_s == 3.0
+    assert [type(r).__name__ for r in results] == ["list", "list", "list", "list"]

@@ -1,0 +1,271 @@
+"""Soak test: a real `agentprm serve` process under sustained overload, for `--duration-s` (default 10 min).
+
+    python -m bench.soak [--model NAME_OR_PATH] [--duration-s 600] [--factor 2] [--out bench/SOAK.md]
+
+1. Starts the server (127.0.0.1, a free port, production defaults unless --serve-arg adds flags).
+2. Measures its capacity: `--concurrency` closed-loop clients for `--capacity-s` seconds of a mixed
+   workload (score 60%, rerank 25%, beam-expand 15%; bodies drawn from a fixed seeded pool).
+3. Offers `--factor` x capacity, open loop (requests leave on schedule whatever the answers), for
+   `--duration-s`, sampling the server's RSS (/proc/PID/status VmRSS) every 2 s.
+4. SIGTERMs the server and records its exit code (the drain).
+
+Reports: capacity, offered and served rates, answers by status code (and client-side errors), latency
+p50/p90/p99/max of the 200s, RSS after warm-up (the first sample past `--warmup-s`, default 10% of the
+run) and at the end, the growth between them (target < 5%), and the drain exit code. Writes a Markdown
+report to --out and prints one JSON line. Without --model it makes (once) a random checkpoint the size
+of a small PRM in .cache/soak-model, so the run needs no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+OBJECTS = ("red ball", "blue key", "yellow door", "green box", "grey wall", "purple ball")
+ACTIONS = ("turn left", "turn right", "move forward", "pick up", "drop", "toggle")
+MAX_OUTSTANDING = 4096  # open-loop requests in flight at once, beyond which the client counts a skip
+
+
+def trajectory(rng: random.Random, n_steps: int) -> dict:
+    task = f"go to the {rng.choice(OBJECTS)}"
+    return {"task": task, "steps": [
+        {"observation": f"You see a {rng.choice(OBJECTS)} {rng.randint(1, 5)} steps ahead and a "
+                        f"{rng.choice(OBJECTS)} {rng.randint(1, 4)} steps to the left. You carry nothing.",
+         "action": rng.choice(ACTIONS)} for _ in range(n_steps)]}
+
+
+def body_pool(seed: int = 0, size: int = 400) -> list[tuple[str, dict]]:
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(size):
+        kind = rng.random()
+        if kind < 0.60:
+            pool.append(("/v1/score", {"trajectories": [trajectory(rng, rng.randint(3, 10))
+                                                        for _ in range(rng.randint(1, 4))]}))
+        elif kind < 0.85:
+            base = trajectory(rng, rng.randint(3, 8))
+            pool.append(("/v1/rerank", {"task": base["task"], "top_n": 1, "candidates": [
+                {"steps": base["steps"][:1] + trajectory(rng, len(base["steps"]) - 1)["steps"]} for _ in range(8)]}))
+        else:
+            pool.append(("/v1/beam-expand", {"beam_width": 2, "beams": [
+                {"trajectory": trajectory(rng, rng.randint(1, 6)), "observation": "You see a wall 1 step ahead.",
+                 "candidates": list(ACTIONS[:4])} for _ in range(2)]}))
+    return pool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_model() -> str:
+    path = REPO / ".cache" / "soak-model"
+    if not (path / "manifest.json").is_file():
+        from model_store.export import init_random
+
+        init_random(path, name="soak-prm", version="1", layers=4, hidden=256, heads=4, kv_heads=2, seed=0,
+                    max_seq_len=2048, overwrite=True)
+    return str(path)
+
+
+def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(REPO / ".cache" / "soak-server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning", *extra], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see .cache/soak-server.log")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server not ready after 300 s")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def measure_capacity(url: str, pool, concurrency: int, seconds: float) -> float:
+    """Closed loop: `concurrency` clients back to back; 200s per second over the measured window."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def worker(i: int, until: float, counter: list):
+            k = i
+            while time.monotonic() < until:
+                path, body = pool[k % len(pool)]
+                k += concurrency
+                if (await client.post(path, json=body)).status_code == 200:
+                    counter[0] += 1
+
+        warm = [0]
+        await asyncio.gather(*(worker(i, time.monotonic() + min(5.0, seconds / 4), warm) for i in range(concurrency)))
+        done = [0]
+        start = time.monotonic()
+        await asyncio.gather(*(worker(i, start + seconds, done) for i in range(concurrency)))
+        return done[0] / (time.monotonic() - start)
+
+
+async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> dict:
+    codes: Counter = Counter()
+    latencies: list[float] = []
+    rss: list[tuple[float, int]] = []
+    outstanding = 0
+    skipped = 0
+    limits = httpx.Limits(max_connections=MAX_OUTSTANDING, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def one(path: str, body: dict):
+            nonlocal outstanding
+            start = time.monotonic()
+            try:
+                response = await client.post(path, json=body)
+                codes[response.status_code] += 1
+                if response.status_code == 200:
+                    latencies.append(time.monotonic() - start)
+            except httpx.HTTPError as exc:
+                codes[type(exc).__name__] += 1
+            finally:
+                outstanding -= 1
+
+        async def sample_rss(until: float):
+            t0 = time.monotonic()
+            while time.monotonic() < until:
+                rss.append((time.monotonic() - t0, rss_bytes(pid)))
+                await asyncio.sleep(2.0)
+
+        t0 = time.monotonic()
+        sampler = asyncio.create_task(sample_rss(t0 + seconds))
+        tasks = set()
+        i = 0
+        while True:
+            due = t0 + i / rate
+            if due >= t0 + seconds:
+                break
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if outstanding >= MAX_OUTSTANDING:
+                skipped += 1
+            else:
+                outstanding += 1
+                path, body = pool[i % len(pool)]
+                task = asyncio.create_task(one(path, body))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            i += 1
+        await asyncio.gather(*tasks)
+        await sampler
+    return {"codes": codes, "latencies": latencies, "rss": rss, "sent": i - skipped, "skipped": skipped,
+            "elapsed": time.monotonic() - t0}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(args, model: str, capacity: float, rate: float, run: dict, exit_code: int | None) -> dict:
+    rss = run["rss"]
+    warmup = args.warmup_s if args.warmup_s is not None else 0.1 * args.duration_s
+    after_warmup = next((b for t, b in rss if t >= warmup), rss[0][1] if rss else 0)
+    end = rss[-1][1] if rss else 0
+    lat = run["latencies"]
+    return {
+        "model": model, "duration_s": round(run["elapsed"], 1), "capacity_rps": round(capacity, 2),
+        "factor": args.factor, "offered_rps": round(rate, 2), "sent": run["sent"], "client_skipped": run["skipped"],
+        "served_200_rps": round(run["codes"].get(200, 0) / run["elapsed"], 2),
+        "codes": {str(k): v for k, v in sorted(run["codes"].items(), key=lambda kv: str(kv[0]))},
+        "latency_s": {"p50": round(percentile(lat, 0.5), 4), "p90": round(percentile(lat, 0.9), 4),
+                      "p99": round(percentile(lat, 0.99), 4), "max": round(max(lat), 4) if lat else None},
+        "rss_mib": {"after_warmup": round(after_warmup / 2**20, 1), "end": round(end / 2**20, 1),
+                    "max": round(max(b for _, b in rss) / 2**20, 1) if rss else None, "warmup_s": warmup},
+        "rss_growth_pct": round(100.0 * (end - after_warmup) / after_warmup, 2) if after_warmup else None,
+        "drain_exit_code": exit_code, "serve_args": args.serve_arg, "cpus": os.cpu_count(),
+    }
+
+
+def markdown(s: dict) -> str:
+    codes = ", ".join(f"{k}: {v}" for k, v in s["codes"].items())
+    lat, rss = s["latency_s"], s["rss_mib"]
+    return f"""# Soak run (bench/soak.py)
+
+`python -m bench.soak --duration-s {s['duration_s']:.0f} --factor {s['factor']}` on {s['cpus']} CPUs,
+model `{s['model']}`, server flags {s['serve_args'] or 'none (production defaults)'}.
+
+| figure | value |
+|---|---|
+| measured capacity (closed loop) | {s['capacity_rps']} requests/s |
+| offered load (open loop, {s['factor']}x) | {s['offered_rps']} requests/s for {s['duration_s']} s ({s['sent']} requests) |
+| served (200) | {s['served_200_rps']} requests/s |
+| answers by status | {codes} |
+| requests the client could not send (over {MAX_OUTSTANDING} outstanding) | {s['client_skipped']} |
+| latency of 200s p50 / p90 / p99 / max | {lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']} s |
+| RSS after warm-up ({rss['warmup_s']:.0f} s) / end / max | {rss['after_warmup']} / {rss['end']} / {rss['max']} MiB |
+| RSS growth after warm-up (target < 5%) | {s['rss_growth_pct']}% |
+| exit code after SIGTERM (drain) | {s['drain_exit_code']} |
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint path or name (default: a random small PRM)")
+    parser.add_argument("--duration-s", type=float, default=600.0)
+    parser.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
+    parser.add_argument("--capacity-s", type=float, default=30.0)
+    parser.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the capacity")
+    parser.add_argument("--warmup-s", type=float, default=None, help="RSS baseline time (default 10%% of run)")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `agentprm serve` flag (repeat)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "SOAK.md"))
+    args = parser.parse_args(argv)
+    (REPO / ".cache").mkdir(exist_ok=True)
+    model = args.model or default_model()
+    extra = [flag for arg in args.serve_arg for flag in arg.split()]
+    proc, url = start_server(model, extra)
+    try:
+        pool = body_pool()
+        capacity = asyncio.run(measure_capacity(url, pool, args.concurrency, args.capacity_s))
+        rate = args.factor * capacity
+        print(f"capacity {capacity:.1f} requests/s; offering {rate:.1f} requests/s for {args.duration_s:.0f} s",
+              flush=True)
+        run = asyncio.run(open_loop(url, pool, rate, args.duration_s, proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    summary = summarize(args, model, capacity, rate, run, exit_code)
+    Path(args.out).write_text(markdown(summary))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
