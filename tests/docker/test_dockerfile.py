@@ -92,7 +92,7 @@ def test_runtime_stage_serves_as_a_non_root_user_with_a_readiness_healthcheck():
     env = env_of(stage)
     assert env["AGENTPRM_HOST"] == "0.0.0.0" and env["AGENTPRM_PORT"] == "8000"
     assert env["AGENTPRM_STORE"] == "/models"
-    known = {f"AGENTPRM_{name.upper()}" for name in ServerSettings.model_fields} | {"AGENTPRM_DRAIN_TIMEOUT_S"}
+    known = {f"AGENTPRM_{name.upper()}" for name in ServerSettings.model_fields}
     assert {k for k in env if k.startswith("AGENTPRM_")} <= known
 
 

@@ -45,8 +45,8 @@ def container(resources: dict[str, dict]) -> dict:
     return c
 
 
-def env(c: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c["env"]}
+def env(c: dict) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in c["env"]}
 
 
 def test_every_resource_kind_is_rendered(rendered):
@@ -89,8 +89,19 @@ def test_pod_runs_as_the_image_user_and_reads_only_known_settings(rendered):
     (user,) = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
-    known = {f"AGENTPRM_{name.upper()}" for name in ServerSettings.model_fields} | {DRAIN_ENV}
+    known = {f"AGENTPRM_{name.upper()}" for name in ServerSettings.model_fields}
     assert set(env(container(resources))) <= known
+
+
+def test_api_keys_come_from_an_optional_secret_and_metrics_stay_scrapable(rendered):
+    _, resources = rendered
+    (key,) = [e for e in container(resources)["env"] if e["name"] == "AGENTPRM_API_KEY"]
+    ref = key["valueFrom"]["secretKeyRef"]
+    assert ref["optional"] is True and ref["name"] and ref["key"]
+    # With keys set, /metrics needs one unless metrics auth is off; the ServiceMonitor sends none.
+    monitor = resources["ServiceMonitor"]["spec"]["endpoints"][0]
+    if "authorization" not in monitor and "bearerTokenSecret" not in monitor:
+        assert ServerSettings(metrics_auth=env(container(resources))["AGENTPRM_METRICS_AUTH"]).metrics_auth is False
 
 
 def test_service_hpa_pdb_and_servicemonitor_point_at_the_deployment(rendered):

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.settings import ServerSettings
 from tests.conftest import REPO, trajectory_json
 from tests.docker import promql
 
@@ -207,6 +208,12 @@ def test_compose_wires_the_service_prometheus_and_grafana():
         drain = float(service["environment"]["AGENTPRM_DRAIN_TIMEOUT_S"].split(":-")[-1].rstrip("}"))
         assert grace > drain
     assert cpu["environment"]["AGENTPRM_DEVICE"] == "cpu" and gpu["environment"]["AGENTPRM_DEVICE"] == "cuda"
+    known = {f"AGENTPRM_{name.upper()}" for name in ServerSettings.model_fields}
+    for service in (gpu, cpu):
+        assert set(service["environment"]) <= known
+        # Prometheus scrapes without a key, so /metrics must stay open by default even when keys are set.
+        default = service["environment"]["AGENTPRM_METRICS_AUTH"].split(":-")[-1].rstrip("}")
+        assert ServerSettings(metrics_auth=default).metrics_auth is False
     assert cpu["build"]["args"]["TORCH_VERSION"].endswith("+cpu")
 
     # Prometheus scrapes a host that both server variants answer to, on the image's port.
