@@ -70,7 +70,11 @@ class ServiceMiddleware:
         start = time.perf_counter()
         status_holder = {"status": 500, "started": False}
 
+        rejected = False  # a 413 went out while the body streamed in: the app's own answer goes nowhere
+
         async def send_with_id(message):
+            if rejected:
+                return
             if message["type"] == "http.response.start":
                 status_holder["status"] = message["status"]
                 status_holder["started"] = True
@@ -86,14 +90,20 @@ class ServiceMiddleware:
         limit = self.max_body_bytes
         declared = headers.get(b"content-length")
         received = 0
+        too_large = f"request body exceeds the limit of {limit} bytes"
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLarge()
+                if received > limit:  # chunked or lying Content-Length: answer 413 now, stop reading
+                    if not status_holder["started"]:
+                        await respond(413, "payload_too_large", too_large)
+                    rejected = True
+                    return {"type": "http.disconnect"}
             return message
 
         try:
@@ -106,9 +116,10 @@ class ServiceMiddleware:
                 raise _BodyTooLarge()
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
-            if not status_holder["started"]:
-                await respond(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
+            await respond(413, "payload_too_large", too_large)
         except Exception:
+            if rejected:
+                return
             log.exception("unhandled error in request %s", request_id, extra={"request_id": request_id})
             if not status_holder["started"]:
                 await respond(500, "internal_error", f"internal server error (request id {request_id})")

@@ -8,7 +8,7 @@ from tests.conftest import start_server, stop_server
 from tests.reliability.helpers import API_KEY
 
 # Small bounds so a modest burst overloads the server, and small request limits so fuzzing stays cheap.
-KEYED_FLAGS = ("--api-key", API_KEY, "--max-queue-jobs", "16", "--max-inflight-requests", "48",
+KEYED_FLAGS = ("--api-key", API_KEY, "--max-queue-jobs", "32", "--max-inflight-requests", "48",
                "--max-trajectories", "8", "--max-candidates", "16", "--max-batch-tokens", "1024",
                "--max-wait-ms", "2")
 

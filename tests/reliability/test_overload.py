@@ -1,4 +1,4 @@
-"""Overload: a burst well over what the server admits at once (its queue holds 16 sequences, 48 requests).
+"""Overload: a burst well over what the server admits at once (its queue holds 32 sequences, 48 requests).
 
 Every request of the burst gets an answer; every answer is 200 or 429 (with Retry-After and the error
 shape); every 200 equals the same request scored alone afterwards; the server is healthy afterwards.

@@ -178,3 +178,15 @@ def test_draining_turns_ready_and_scoring_to_503_but_not_health(tiny_checkpoint)
         assert c.get("/health").status_code == 200
         assert c.get("/v1/models").status_code == 200
         assert "agentprm_inflight_requests 0.0" in c.get("/metrics").text
+
+
+def test_oversized_body_without_content_length_is_413(client):
+    huge = b'{"trajectories": [{"task": "' + b"x" * 70_000 + b'", "steps": []}]}'
+
+    def chunks():
+        for i in range(0, len(huge), 8192):
+            yield huge[i:i + 8192]
+
+    r = client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_error(r, 413, "limit")
