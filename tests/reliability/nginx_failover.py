@@ -1,4 +1,4 @@
-"""nginx in front of AgentPRM servers on 127.0.0.1, for the failover test (and by hand: see __main__).
+"""nginx in front of AgentPRM servers on 127.0.0.1, for the failover test.
 
 `Nginx(ports)` writes a config into a private folder and runs nginx in the foreground as a single
 process (`master_process off`, so it needs no root and no user switching), proxying one local port to

@@ -283,3 +283,22 @@ def test_queued_work_is_bounded_in_seconds_too():
     queued, refused, results = asyncio.run(go())
     assert queued == 3 and "3.0 s of work queued" in refused.message and refused.retry_after_s == 3.0
     assert [type(r).__name__ for r in results] == ["list", "list", "list", "list"]
+
+
+def test_a_crashed_loop_fails_queued_work_instead_of_hanging():
+    async def go():
+        s = Scheduler(RecordingRunner(), SchedulerConfig(max_batch_tokens=4, max_wait_s=0.0))
+
+        def broken_pop():
+            raise KeyError("bug in the batching loop")
+
+        s._pop_batch = broken_pop
+        s.start()
+        result = await asyncio.wait_for(asyncio.gather(s.submit([job(3)]), return_exceptions=True), 5)
+        alive, failure = s.alive, s.failure
+        await s.stop()
+        return result[0], alive, failure
+
+    error, alive, failure = asyncio.run(go())
+    assert isinstance(error, NotReady) and "scheduler loop crashed" in error.message
+    assert not alive and "KeyError" in failure
