@@ -107,7 +107,10 @@ class ServiceMiddleware:
             return message
 
         try:
-            if self.keys and scope["path"] not in self.public_paths:
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):  # mounted under a prefix: the probes keep their own paths
+                path = path[len(root):]
+            if self.keys and path not in self.public_paths:
                 ok, why = self._authorized(headers)
                 if not ok:
                     await respond(401, "unauthorized", why, [(b"www-authenticate", b'Bearer realm="agentprm"')])
