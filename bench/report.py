@@ -159,7 +159,8 @@ def _workload_table(model: ModelRun, name: str, systems: list[str], concurrencie
             cm = cmp.get((s, name, c))
             diff = "-" if cm is None else (f"{cm['max_abs_diff']:.1e}" if cm["compared"] else "no common")
             agree = "-" if cm is None or not cm["top1_agree"][1] else f"{cm['top1_agree'][0]}/{cm['top1_agree'][1]}"
-            lines.append(f"| {s} | {c} | {cell.sent}/{cell.planned} ({cell.in_flight}) | {cell.rps:.2f} | "
+            retries = f", {cell.retries} retried" if cell.retries else ""
+            lines.append(f"| {s} | {c} | {cell.sent}/{cell.planned} ({cell.in_flight}{retries}) | {cell.rps:.2f} | "
                          f"{cell.tokens_per_s:,.0f} | {cell.p50 * 1000:,.0f} | {cell.p99 * 1000:,.0f} | "
                          f"{cell.computed_per_request:,.0f} | {cell.computed_tokens / cell.seconds:,.0f} | "
                          f"{diff} | {agree} |")
@@ -213,7 +214,8 @@ def render(run: RunResult) -> str:
             "Latency is client-side, per request, closed loop with c requests in flight. A cell sends its request "
             "list until done or until the cell's time budget is spent (sent/planned; requests in flight finish); "
             "if one wave of c requests would take more than twice the budget at the system's one-at-a-time speed, "
-            "fewer are kept in flight ('in flight' is the concurrency actually reached). For W3, ours runs "
+            "fewer are kept in flight ('in flight' is the concurrency actually reached; 'retried' counts 429 "
+            "answers a client waited out (Retry-After) and sent again, the wait counted in its latency). For W3, ours runs "
             "agents (each agent's calls in order, after the call it made just before, untimed) and the peers, "
             "which keep nothing across calls, the same calls in a fixed shuffled order. Promises are compared with ours request by request ('max abs diff').", ""]
     for model in run.models:

@@ -36,7 +36,7 @@ def run(tmp_path_factory):
     args = parser.parse_args(["--quick", "--systems", ",".join(SYSTEMS), "--models", str(ckpt),
                               "--out", str(root / "RESULTS.md"), "--json", str(root / "results.json"),
                               "--work-dir", str(root / "work"), "--concurrency", ",".join(map(str, CONCURRENCY)),
-                              "--budget", "3", "--wait-quiet", "0", "--no-profile"])
+                              "--budget", "2", "--wait-quiet", "0", "--no-profile"])
     run_bench(args, log=lambda *_: None)
     return (root / "RESULTS.md").read_text(), json.loads((root / "results.json").read_text())
 
