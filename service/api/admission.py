@@ -5,7 +5,10 @@ server is draining (SIGTERM), how many scoring requests are in progress, and why
 did). `guarded(request, call, timeout_s)` runs one scoring call under those rules:
 
 - draining -> 503 `draining` (with Retry-After), before any work is queued;
-- more than `max_inflight` scoring requests in progress -> 429 with Retry-After;
+- more than `max_inflight` scoring requests in progress, or an engine that reports itself saturated
+  (`ServerState.saturated`) -> 429 with Retry-After. `ServerState.refusal()` is cheap, so the middleware
+  also asks it before reading a scoring request's body: under overload a refusal costs no JSON parsing,
+  validation or tokenization, which keeps the event loop free for the requests that were admitted;
 - the call runs under a deadline (the request's own `timeout_s`, capped by `max_timeout_s`, else the
   server default); past it the call is cancelled -- its queued jobs leave the scheduler's queue and are
   never computed -- and the client gets 504;
@@ -46,6 +49,22 @@ class ServerState:
     inflight: int = 0
     fatal: str | None = None
     counts: dict = field(default_factory=lambda: {"deadline": 0, "disconnected": 0, "drain_refused": 0})
+    # Optional engine probe: seconds to Retry-After when a new request would surely be refused now, else None.
+    saturated: Callable[[], float | None] | None = None
+
+    def refusal(self) -> Exception | None:
+        """Why a new scoring request must be refused right now (cheap; no body read yet), or None."""
+        if self.draining:
+            self.counts["drain_refused"] += 1
+            return Draining("the server is draining (shutting down); retry on another replica")
+        if self.fatal:
+            return NotReady(f"the engine failed ({self.fatal}); the server is restarting")
+        if self.inflight >= self.max_inflight:
+            return Overloaded(f"too many requests in progress ({self.inflight}); retry later", retry_after_s=1.0)
+        retry_after = self.saturated() if self.saturated is not None else None
+        if retry_after is not None:
+            return Overloaded("queue full; retry later", retry_after_s=retry_after)
+        return None
 
     def begin_drain(self) -> None:
         """Stop taking scoring work. Safe to call from a signal handler (plain attribute writes)."""
@@ -75,13 +94,9 @@ async def _until_disconnect(request: Request) -> None:
 
 async def guarded(request: Request, call: Callable[[], Awaitable[T]], timeout_s: float | None) -> T:
     state: ServerState = request.app.state.server
-    if state.draining:
-        state.counts["drain_refused"] += 1
-        raise Draining("the server is draining (shutting down); retry on another replica")
-    if state.fatal:
-        raise NotReady(f"the engine failed ({state.fatal}); the server is restarting")
-    if state.inflight >= state.max_inflight:
-        raise Overloaded(f"too many requests in progress ({state.inflight}); retry later", retry_after_s=1.0)
+    refused = state.refusal()
+    if refused is not None:
+        raise refused
     deadline = state.deadline_s(timeout_s)
     state.inflight += 1
     work = asyncio.ensure_future(call())

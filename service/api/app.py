@@ -66,6 +66,9 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
     app.state.server = ServerState(request_timeout_s=config.request_timeout_s,
                                    max_timeout_s=config.max_request_timeout_s,
                                    max_inflight=config.max_inflight_requests)
+    scheduler = getattr(engine, "scheduler", None)  # optional: engines without one are asked per request only
+    if callable(getattr(scheduler, "saturated", None)):
+        app.state.server.saturated = scheduler.saturated
     _export_inflight(metrics, app.state.server)
     install_error_handlers(app)
     for router in (scoring, models, ops):
@@ -73,7 +76,8 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
     if config.api_keys:
         _document_auth(app, config.public_paths)
     app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       api_keys=config.api_keys, public_paths=config.public_paths, log_access=config.access_log)
+                       api_keys=config.api_keys, public_paths=config.public_paths, log_access=config.access_log,
+                       state=app.state.server)
     return app
 
 

@@ -9,6 +9,9 @@ explicit `public_paths` (/health and /ready, plus /metrics when metrics auth is 
 later is protected without anyone remembering to. Keys are compared with `hmac.compare_digest` against
 every configured key (no early exit), and the check runs before any of the body is read.
 
+Scoring requests that must be refused anyway (draining, engine dead, too many in progress, queue at its
+bound) are answered before their body is read, so overload costs no parsing, validation or tokenization.
+
 The access log (logger "agentprm.access") writes the request id, method, route template, status,
 latency and token usage; never the body or headers.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -27,7 +31,8 @@ from service.metrics import Metrics
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 access_log = logging.getLogger("agentprm.access")
 log = logging.getLogger("agentprm.api")
-QUIET_ROUTES = ("/health", "/ready", "/metrics")  # probes and scrapes: access-logged at debug level only
+QUIET_ROUTES = ("/health", "/ready", "/metrics")
+SCORING_PATHS = frozenset({"/v1/score", "/v1/rerank", "/v1/beam-expand"})  # probes and scrapes: access-logged at debug level only
 
 
 def error_body(code: int, type_: str, message: str) -> bytes:
@@ -40,8 +45,10 @@ class _BodyTooLarge(Exception):
 
 class ServiceMiddleware:
     def __init__(self, app, metrics: Metrics, max_body_bytes: int, api_keys: tuple[str, ...] = (),
-                 public_paths: frozenset[str] = frozenset({"/health", "/ready"}), log_access: bool = True):
+                 public_paths: frozenset[str] = frozenset({"/health", "/ready"}), log_access: bool = True,
+                 state=None):
         self.app = app
+        self.state = state  # service.api.admission.ServerState: early refusal of scoring requests
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.keys = tuple(k.encode() for k in api_keys)
@@ -70,6 +77,7 @@ class ServiceMiddleware:
         start = time.perf_counter()
         status_holder = {"status": 500, "started": False}
 
+        early_route = None  # the scoring route of a request refused before routing
         rejected = False  # a 413 went out while the body streamed in: the app's own answer goes nowhere
 
         async def send_with_id(message):
@@ -115,6 +123,14 @@ class ServiceMiddleware:
                 if not ok:
                     await respond(401, "unauthorized", why, [(b"www-authenticate", b'Bearer realm="agentprm"')])
                     return
+            if self.state is not None and scope.get("method") == "POST" and path in SCORING_PATHS:
+                refused = self.state.refusal()
+                if refused is not None:  # before the body is read: a refusal costs (almost) nothing
+                    early_route = path
+                    retry = max(1, math.ceil(getattr(refused, "retry_after_s", 1.0)))
+                    await respond(refused.code, refused.type, refused.message,
+                                  [(b"retry-after", str(retry).encode())])
+                    return
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise _BodyTooLarge()
             await self.app(scope, limited_receive, send_with_id)
@@ -128,7 +144,7 @@ class ServiceMiddleware:
                 await respond(500, "internal_error", f"internal server error (request id {request_id})")
         finally:
             route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = getattr(route, "path", None) or early_route or "unmatched"
             status = status_holder["status"]
             seconds = time.perf_counter() - start
             self.metrics.requests.labels(route=label, status=str(status)).inc()

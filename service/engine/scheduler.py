@@ -151,6 +151,16 @@ class Scheduler:
             return 1.0
         return float(min(self.config.max_retry_after_s, max(1.0, math.ceil(self._queued_tokens / self._tokens_per_s))))
 
+    def saturated(self) -> float | None:
+        """Retry-After seconds when the queue is at a bound (any new request would be refused), else None."""
+        cfg = self.config
+        if not self._queue:
+            return None
+        if (len(self._queue) >= cfg.max_queue_jobs or self._queued_tokens >= cfg.max_queue_tokens
+                or (cfg.max_queue_delay_s and self.queue_delay_s() > cfg.max_queue_delay_s)):
+            return self.retry_after_s()
+        return None
+
     async def submit(self, jobs: list[ScoreJob], tag: str = "") -> list[np.ndarray]:
         if self._closed or not self.alive:
             raise NotReady(f"the engine is not running ({self.failure})" if self.failure

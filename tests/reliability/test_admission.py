@@ -4,7 +4,8 @@
   request's own timeout_s, capped by the server's maximum, else the server default;
 - a client that disconnects has its queued work dropped before it is computed;
 - more scoring requests in progress than the bound get 429 with Retry-After;
-- a queue full of tokens gets 429 with Retry-After.
+- a queue full of tokens gets 429 with Retry-After, and once the queue is at its bound, new requests are
+  refused before their body is parsed.
 """
 
 from __future__ import annotations
@@ -141,9 +142,15 @@ def test_a_full_token_queue_gets_429_with_retry_after(loaded):
         wait_until(lambda: engine.scheduler.queue_depth == 1, what="the queue to fill")
         over = httpx.post(f"{server.url}/v1/score", json={"trajectories": [trajectory_json("over", 4, seed=1)]},
                           timeout=30)
+        # The bound is reached: the next request is refused before its body is even parsed.
+        unparsed = httpx.post(f"{server.url}/v1/rerank", content=b"{not json", timeout=30,
+                              headers={"content-type": "application/json"})
+        refused_metric = metric(server.url, 'agentprm_requests_total{route="/v1/rerank",status="429"}')
         runner.gate.set()
         blocker.join(30)
         queued.join(30)
     assert over.status_code == 429 and "queue full" in over.json()["error"]["message"]
     assert int(over.headers["retry-after"]) >= 1
+    assert unparsed.status_code == 429 and int(unparsed.headers["retry-after"]) >= 1
+    assert refused_metric == 1
     assert first[0].status_code == 200

@@ -175,6 +175,8 @@ def test_draining_turns_ready_and_scoring_to_503_but_not_health(tiny_checkpoint)
             r = c.post(path, json=body)
             assert_error(r, 503, "draining")
             assert r.json()["error"]["type"] == "draining" and r.headers["retry-after"] == "1"
+        unparsed = c.post("/v1/score", content=b"{not json", headers={"content-type": "application/json"})
+        assert_error(unparsed, 503, "draining")  # refused before the body is read
         assert c.get("/health").status_code == 200
         assert c.get("/v1/models").status_code == 200
         assert "agentprm_inflight_requests 0.0" in c.get("/metrics").text
