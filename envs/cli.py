@@ -1,9 +1,19 @@
-"""`agentprm rollout`: collect trajectories from BabyAI levels into a JSONL file.
+"""`agentprm rollout` (BabyAI trajectories to JSONL) and `agentprm eval` (the BabyAI evaluation).
 
-`register(subparsers)` adds the subcommand to the `agentprm` parser (service/cli.py calls it); this module
+`register(subparsers)` adds the subcommands to the `agentprm` parser (service/cli.py calls it); this module
 is also runnable on its own: `python -m envs.cli rollout --levels ... --out FILE.jsonl`.
-Importing it is cheap (minigrid is imported only when the command runs). Bad input (unknown level, policy,
-epsilon out of range) prints one line and exits 2.
+Importing it is cheap (minigrid is imported only when a command runs). Bad input (unknown level, policy,
+epsilon out of range, a checkpoint trained on other data) prints one line and exits 2.
+
+    agentprm eval rollout --out FILE.jsonl [--episodes --epsilon --horizon --seed --levels]
+        rollouts capped at a horizon (the data the evaluation trains on)
+    agentprm eval default-checkpoint --out model_store/checkpoints/agentprm-babyai-small/1
+        those rollouts -> agentprm train --method agentprm -> the shipped checkpoint
+    agentprm eval run [--checkpoint agentprm=DIR ...] [--out results/babyai] [--work .cache/babyai-eval]
+        data -> train (pvm, orm, mc, and agentprm unless given) -> held-out samples -> serve each checkpoint
+        -> Best-of-N and beam search -> results/babyai/README.md, bon.png, beam.png, summary.json
+    agentprm eval report [--out results/babyai]
+        re-render README.md and the plots from summary.json (after editing analysis.md)
 """
 
 from __future__ import annotations
@@ -33,6 +43,145 @@ def cmd_rollout(args) -> int:
     return 0
 
 
+def _data_config(args):
+    from envs.evaluate import DataConfig
+
+    return DataConfig(levels=args.levels, episodes=args.episodes, policy=args.policy, epsilon=args.epsilon,
+                      horizon=args.horizon, seed=args.seed)
+
+
+def _train_config(args):
+    from envs.evaluate import TrainConfig
+
+    return TrainConfig(layers=args.layers, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=args.train_seed,
+                       mc_rollouts=args.mc_rollouts, workers=args.workers, threads=args.threads)
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        beams, _, cands = part.strip().partition("x")
+        out.append((int(beams), int(cands)))
+    return tuple(out)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _command_line() -> str:
+    import shlex
+    from pathlib import Path
+
+    prog = "agentprm" if Path(sys.argv[0]).name == "agentprm" else "python -m envs.cli"
+    return f"{prog} {shlex.join(sys.argv[1:])}"
+
+
+def cmd_eval_rollout(args) -> int:
+    from envs.evaluate import collect
+
+    try:
+        summary = collect(_data_config(args), args.out, progress=not args.quiet)
+    except ValueError as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval_default(args) -> int:
+    from envs.evaluate import default_checkpoint
+
+    try:
+        summary = default_checkpoint(args.out, _data_config(args), _train_config(args), args.work,
+                                     progress=not args.quiet)
+    except ValueError as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_eval_run(args) -> int:
+    from envs.evaluate import METHODS, EvalConfig, run_pipeline
+
+    checkpoints = {}
+    for item in args.checkpoint:
+        method, sep, path = item.partition("=")
+        if not sep or method not in METHODS:
+            print(f"agentprm: error: --checkpoint wants METHOD=DIR with METHOD in {', '.join(METHODS)}, "
+                  f"got {item!r}", file=sys.stderr)
+            return 2
+        checkpoints[method] = path
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"agentprm: error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}",
+              file=sys.stderr)
+        return 2
+    config = EvalConfig(data=_data_config(args), train=_train_config(args), methods=methods,
+                        checkpoints=checkpoints, test_episodes=args.test_episodes, test_seed=args.test_seed,
+                        ns=args.ns, beams=args.beams, rerank_per_n=args.rerank_per_n, work=args.work,
+                        out=args.out, progress=not args.quiet)
+    try:
+        summary = run_pipeline(config, _command_line())
+    except ValueError as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/README.md, bon.png, beam.png, summary.json; stages (s): "
+          + json.dumps(summary["stages_s"]))
+    return 0
+
+
+def cmd_eval_report(args) -> int:
+    from pathlib import Path
+
+    from envs.plots import write_report
+
+    summary_file = Path(args.out) / "summary.json"
+    if not summary_file.is_file():
+        print(f"agentprm: error: {summary_file}: no such file (run `agentprm eval run` first)", file=sys.stderr)
+        return 2
+    write_report(json.loads(summary_file.read_text()), args.out)
+    print(f"wrote {args.out}/README.md, bon.png, beam.png from {summary_file}")
+    return 0
+
+
+def _add_data_flags(p, default_episodes: int) -> None:
+    from envs.babyai import DEFAULT_LEVELS
+    from envs.evaluate import DataConfig
+
+    d = DataConfig()
+    p.add_argument("--levels", type=_levels, default=d.levels,
+                   help=f"comma-separated BabyAI level ids [default: {','.join(DEFAULT_LEVELS)}]")
+    p.add_argument("--episodes", type=int, default=default_episodes, help="training episodes per level")
+    p.add_argument("--policy", default=d.policy, choices=["expert", "noisy", "random"])
+    p.add_argument("--epsilon", type=float, default=d.epsilon, help="random-action probability of the noisy "
+                   f"sampling policy [default: {d.epsilon}]")
+    p.add_argument("--horizon", type=int, default=d.horizon, help=f"episode step cap [default: {d.horizon}]")
+    p.add_argument("--seed", type=int, default=d.seed, help="base seed of the training episodes")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_flags(p) -> None:
+    from envs.evaluate import TrainConfig
+
+    t = TrainConfig()
+    p.add_argument("--layers", type=int, default=t.layers)
+    p.add_argument("--hidden", type=int, default=t.hidden)
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--max-seq-len", type=int, default=t.max_seq_len)
+    p.add_argument("--train-seed", type=int, default=t.seed)
+    p.add_argument("--mc-rollouts", type=int, default=t.mc_rollouts, help="K rollouts per step of the MC labels")
+    p.add_argument("--workers", type=int, default=t.workers, help="processes for MC labelling")
+    p.add_argument("--threads", type=int, default=t.threads, help="OMP_NUM_THREADS of the train and serve "
+                   f"subprocesses [default: {t.threads}: fastest on a shared 2-core CPU]")
+    p.add_argument("--work", default=".cache/babyai-eval", help="folder for rollouts, checkpoints, server logs")
+
+
 def register(subparsers) -> None:
     from envs.babyai import DEFAULT_LEVELS  # plain module constant; minigrid itself is imported lazily
 
@@ -51,6 +200,41 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output JSONL file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_rollout)
+
+    from envs.evaluate import BEAMS, BON_NS, DataConfig  # cheap: minigrid is imported when an env is built
+
+    ev = subparsers.add_parser("eval", help="BabyAI evaluation: Best-of-N and beam search through the service",
+                               description="Rollouts, training of every method, held-out Best-of-N and beam search "
+                                           "through `agentprm serve`, and the results table and plots.")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+    p = sub.add_parser("rollout", help="training rollouts capped at a horizon, to JSONL")
+    _add_data_flags(p, DataConfig().episodes)
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.set_defaults(func=cmd_eval_rollout)
+    p = sub.add_parser("default-checkpoint", help="rollouts -> agentprm train --method agentprm -> checkpoint")
+    _add_data_flags(p, DataConfig().episodes)
+    _add_train_flags(p)
+    p.add_argument("--out", required=True, help="checkpoint directory, e.g. "
+                   "model_store/checkpoints/agentprm-babyai-small/1")
+    p.set_defaults(func=cmd_eval_default)
+    p = sub.add_parser("run", help="the whole evaluation; writes --out/README.md and plots")
+    _add_data_flags(p, DataConfig().episodes)
+    _add_train_flags(p)
+    p.add_argument("--methods", default="agentprm,pvm,orm,mc", help="PRM methods to train and evaluate")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
+                   help="reuse a checkpoint for METHOD (it must be trained on the same rollouts); repeatable")
+    p.add_argument("--test-episodes", type=int, default=15, help="held-out episodes per level [default: 15]")
+    p.add_argument("--test-seed", type=int, default=1, help="base seed of the held-out episodes")
+    p.add_argument("--ns", type=_ints, default=BON_NS, help="Best-of-N values [default: 1,2,4,...,64]")
+    p.add_argument("--beams", type=_pairs, default=BEAMS, help="beam settings BxK [default: 2x2,4x4,8x8]")
+    p.add_argument("--rerank-per-n", action="store_true",
+                   help="one /v1/rerank per N (default: one over all samples, then the best among the first N)")
+    p.add_argument("--out", default="results/babyai", help="results folder")
+    p.set_defaults(func=cmd_eval_run)
+    p = sub.add_parser("report", help="re-render README.md and the plots from --out/summary.json "
+                                      "(and --out/analysis.md, the written interpretation, if present)")
+    p.add_argument("--out", default="results/babyai", help="results folder")
+    p.set_defaults(func=cmd_eval_report)
 
 
 def main(argv: list[str] | None = None) -> int:
