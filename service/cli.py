@@ -60,7 +60,6 @@ def build_engine(settings):
 def cmd_serve(args) -> int:
     """Verify and load the checkpoint (all or nothing: refused before the port is bound), then serve until
     drained (exit 0), the engine dies (3), or the drain times out (4); see service.api.server."""
-    import dataclasses
     import logging
 
     from service import logs
@@ -75,10 +74,6 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     engine = build_engine(settings)
-    scheduler = getattr(engine, "scheduler", None)
-    if scheduler is not None and hasattr(scheduler.config, "max_queue_delay_s"):  # not in EngineConfig (yet)
-        scheduler.config = dataclasses.replace(scheduler.config, max_queue_delay_s=settings.max_queue_delay_s,
-                                               max_consecutive_failures=settings.max_consecutive_failures)
     if not api_config.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach the port can use it "
                     "(set --api-key-file or AGENTPRM_API_KEY)", settings.host)

@@ -17,8 +17,7 @@ DEFAULT_MODEL = "agentprm-babyai-small"
 
 SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
                         "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
-                        "max_inflight_requests", "drain_timeout_s", "max_consecutive_failures",
-                        "max_queue_delay_s"})
+                        "max_inflight_requests", "drain_timeout_s"})
 
 
 class ServerSettings(BaseSettings):
@@ -36,6 +35,11 @@ class ServerSettings(BaseSettings):
     max_queue_tokens: int = Field(1 << 20, ge=1, description="Queued tokens beyond which requests get 429")
     max_queue_delay_s: float = Field(10.0, ge=0, description="Queued work, in seconds at the measured throughput, "
                                                              "beyond which requests get 429 (0: no bound)")
+    prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Bytes of KV the cross-request prefix "
+                                                                          "cache may hold (0: off)")
+    prefix_block_size: int = Field(32, ge=1, le=4096, description="Tokens per prefix-cache block (a prefix is "
+                                                                  "reused in whole blocks)")
+    share_prefixes: bool = Field(True, description="Compute the prefix a request's candidates share once")
     max_inflight_requests: int = Field(1024, ge=1, description="Scoring requests in progress beyond which "
                                                                 "new ones get 429")
     max_trajectories: int = Field(256, ge=1, description="Trajectories per /v1/score request")
@@ -91,4 +95,7 @@ class ServerSettings(BaseSettings):
         return EngineConfig(device=self.device, max_batch_tokens=self.max_batch_tokens, max_wait_ms=self.max_wait_ms,
                             max_queue_jobs=self.max_queue_jobs, max_queue_tokens=self.max_queue_tokens,
                             max_forward_tokens=self.max_forward_tokens, max_trajectories=self.max_trajectories,
-                            max_candidates=self.max_candidates)
+                            max_candidates=self.max_candidates, prefix_cache_bytes=self.prefix_cache_bytes,
+                            prefix_block_size=self.prefix_block_size, share_prefixes=self.share_prefixes,
+                            max_queue_delay_s=self.max_queue_delay_s,
+                            max_consecutive_failures=self.max_consecutive_failures)

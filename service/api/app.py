@@ -66,9 +66,7 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
     app.state.server = ServerState(request_timeout_s=config.request_timeout_s,
                                    max_timeout_s=config.max_request_timeout_s,
                                    max_inflight=config.max_inflight_requests)
-    scheduler = getattr(engine, "scheduler", None)  # optional: engines without one are asked per request only
-    if callable(getattr(scheduler, "saturated", None)):
-        app.state.server.saturated = scheduler.saturated
+    app.state.server.saturated = getattr(engine, "saturated", None)  # EngineClient default: never saturated
     _export_inflight(metrics, app.state.server)
     install_error_handlers(app)
     for router in (scoring, models, ops):

@@ -63,8 +63,7 @@ class DrainingServer(uvicorn.Server):
             live, detail = False, f"health check raised {type(exc).__name__}: {exc}"
         if live:
             return
-        scheduler = getattr(engine, "scheduler", None)
-        reason = getattr(scheduler, "failure", None) or detail or "engine not running"
+        reason = detail or "engine not running"
         self.state.fatal = reason
         self.fastapi_app.state.metrics.ready.set(0)
         log.critical("the engine cannot recover (%s); exiting with code %d so the process is restarted", reason,

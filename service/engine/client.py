@@ -26,6 +26,11 @@ class EngineClient(ABC):
     @abstractmethod
     async def check_health(self) -> Health: ...
 
+    def saturated(self) -> float | None:
+        """Retry-After seconds when the engine would refuse any new scoring request (queue at a bound), else
+        None. The HTTP layer asks this before reading a body, so overload costs no parsing. Default: never."""
+        return None
+
     @abstractmethod
     async def start(self) -> None: ...
 

@@ -42,6 +42,8 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
     prefix_block_size: int = 32
     share_prefixes: bool = True  # compute a request's shared prefix once
+    max_queue_delay_s: float = 10.0  # refuse (429) when queued work would take longer than this; 0: no bound
+    max_consecutive_failures: int = 5  # failed batches in a row that declare the engine dead; 0: never
 
 
 def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
@@ -72,7 +74,9 @@ class PRMEngine(EngineClient):
         self.scheduler = Scheduler(
             self.runner.run_batch,
             SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_wait_s=config.max_wait_ms / 1000,
-                            max_queue_jobs=config.max_queue_jobs, max_queue_tokens=config.max_queue_tokens),
+                            max_queue_jobs=config.max_queue_jobs, max_queue_tokens=config.max_queue_tokens,
+                            max_queue_delay_s=config.max_queue_delay_s,
+                            max_consecutive_failures=config.max_consecutive_failures),
             on_batch=self._record_batch,
         )
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
@@ -102,7 +106,10 @@ class PRMEngine(EngineClient):
 
     async def check_health(self) -> Health:
         alive = self.scheduler.alive
-        return Health(live=alive, ready=alive, detail="ok" if alive else "engine not running")
+        return Health(live=alive, ready=alive, detail="ok" if alive else (self.scheduler.failure or "engine not running"))
+
+    def saturated(self) -> float | None:
+        return self.scheduler.saturated()
 
     def models(self) -> list[ModelInfo]:
         return [self.info]
