@@ -40,6 +40,10 @@ class ServerSettings(BaseSettings):
     prefix_block_size: int = Field(32, ge=1, le=4096, description="Tokens per prefix-cache block (a prefix is "
                                                                   "reused in whole blocks)")
     share_prefixes: bool = Field(True, description="Compute the prefix a request's candidates share once")
+    backend: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="Forward pass: packed (no padding; the default on a CPU for Qwen2 backbones) or "
+                            "padded (transformers; the default on a GPU)")
+    cuda_graphs: bool = Field(True, description="On a GPU, replay captured CUDA graphs for small passes")
     max_inflight_requests: int = Field(1024, ge=1, description="Scoring requests in progress beyond which "
                                                                 "new ones get 429")
     max_trajectories: int = Field(256, ge=1, description="Trajectories per /v1/score request")
@@ -97,5 +101,6 @@ class ServerSettings(BaseSettings):
                             max_forward_tokens=self.max_forward_tokens, max_trajectories=self.max_trajectories,
                             max_candidates=self.max_candidates, prefix_cache_bytes=self.prefix_cache_bytes,
                             prefix_block_size=self.prefix_block_size, share_prefixes=self.share_prefixes,
+                            backend=self.backend, cuda_graphs=self.cuda_graphs,
                             max_queue_delay_s=self.max_queue_delay_s,
                             max_consecutive_failures=self.max_consecutive_failures)

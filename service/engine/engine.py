@@ -16,6 +16,7 @@ import torch
 
 from service.engine import postprocess
 from service.engine.client import EngineClient
+from service.engine.cuda_graphs import GraphRunner, default_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
 from service.engine.prm import LoadedPRM, load_prm
@@ -44,6 +45,8 @@ class EngineConfig:
     share_prefixes: bool = True  # compute a request's shared prefix once
     max_queue_delay_s: float = 10.0  # refuse (429) when queued work would take longer than this; 0: no bound
     max_consecutive_failures: int = 5  # failed batches in a row that declare the engine dead; 0: never
+    backend: str = "auto"  # auto (packed on a CPU for Qwen2, padded elsewhere), packed, padded (runner.py)
+    cuda_graphs: bool = True  # on a GPU: capture the small plain passes (cuda_graphs.py); ignored on a CPU
 
 
 def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
@@ -68,9 +71,15 @@ class PRMEngine(EngineClient):
         self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
         pad_id = loaded.model.backbone.config.pad_token_id or 0
         self.cache = PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
+        graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            graphs = GraphRunner(loaded.model, default_buckets(), self.device, pad_id=pad_id, with_kv=True)
+            if not graphs.enabled:
+                log.warning("CUDA graphs off: %s", graphs.disabled_reason)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
                                   max_forward_tokens=config.max_forward_tokens, cache=self.cache,
-                                  marker_ids=(self.renderer.end_id, self.renderer.state_id))
+                                  marker_ids=(self.renderer.end_id, self.renderer.state_id),
+                                  backend=config.backend, graphs=graphs)
         self.scheduler = Scheduler(
             self.runner.run_batch,
             SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_wait_s=config.max_wait_ms / 1000,

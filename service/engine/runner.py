@@ -3,17 +3,25 @@
 A `ScoreJob` is token ids, readout positions, and `prefix_len`, a hint that ids[:prefix_len] is shared with
 other jobs (a rerank's task, a beam's history). `run_batch`:
 
-1. groups jobs by shared prefix; each prefix is computed once (batch 1), continuing from its longest
-   cached block chain in the prefix cache, and its whole blocks are cached;
+1. groups jobs by shared prefix; each prefix is computed once, continuing from its longest cached block
+   chain in the prefix cache, and its whole blocks are cached;
 2. a job with no shared prefix whose ids start with a cached chain (an agent re-sending a grown history)
    becomes a group of one over that chain;
-3. runs each group's suffixes batched against the prefix KV (expanded along the batch); readouts inside the
-   prefix are read from the promises stored at marker positions;
-4. runs the remaining jobs as plain right-padded batches (sorted by length, padded size per pass under
-   `max_forward_tokens`) and caches their blocks.
+3. runs each group's suffixes batched against the prefix KV; readouts inside the prefix are read from the
+   promises stored at marker positions;
+4. runs the remaining jobs in passes of at most `max_forward_tokens` and caches their blocks.
 
-Right padding needs no attention mask under causal attention: real tokens only attend to earlier, real
-tokens, and pad positions are never read. The runner runs in the engine's worker thread.
+Every pass asks for the promises it needs (readouts, plus marker positions when the KV is cached) in one
+value-head call. A pass runs on one of three backends, all the same function up to float rounding:
+
+- `packed` (the default on a CPU for Qwen2 backbones, service.engine.packed): sequences concatenated, no
+  padding, fused projections, attention per sequence;
+- `padded`: the transformers forward on a right-padded [B, T] batch. Right padding needs no attention mask
+  under causal attention: real tokens only attend to earlier, real tokens, and pad positions are never read;
+- CUDA graphs (service.engine.cuda_graphs), tried first for padded passes without a past when a
+  `GraphRunner` is given (on a GPU); shapes outside its buckets run padded.
+
+The runner runs in the engine's worker thread.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from service.engine.packed import PackedQwen2, supports as packed_supports
+from service.engine.cuda_graphs import GraphRunner
 from service.engine.prefix_cache import Hit, PrefixCache
 from service.engine.prm import PRMModel
 
@@ -74,17 +84,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def plan_forwards(lengths: list[int], max_forward_tokens: int) -> list[list[int]]:
-    """Group indices (sorted by length) into passes with padded size B * T_max <= budget."""
+def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False) -> list[list[int]]:
+    """Group indices (sorted by length) into passes of at most `max_forward_tokens` tokens: padded size
+    B * T_max, or with `packed` the sum of the lengths. A sequence longer than the budget gets a pass alone."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
+    total = 0
     for i in order:
         # Sorted ascending, so the newest index sets the padded length of the group.
-        if current and (len(current) + 1) * lengths[i] > max_forward_tokens:
+        size = total + lengths[i] if packed else (len(current) + 1) * lengths[i]
+        if current and size > max_forward_tokens:
             groups.append(current)
-            current = []
+            current, total = [], 0
         current.append(i)
+        total += lengths[i]
     if current:
         groups.append(current)
     return groups
@@ -96,14 +110,23 @@ def _kv_of(cache: DynamicCache) -> KV:
 
 class TorchRunner:
     def __init__(self, model: PRMModel, device: torch.device, pad_id: int = 0, max_forward_tokens: int = 8192,
-                 cache: PrefixCache | None = None, marker_ids: tuple[int, ...] = ()):
+                 cache: PrefixCache | None = None, marker_ids: tuple[int, ...] = (), backend: str = "auto",
+                 graphs: GraphRunner | None = None):
         self.model = model
         self.device = device
         self.pad_id = pad_id
         self.max_forward_tokens = max_forward_tokens
         self.cache = cache if cache is not None else PrefixCache(0)
-        self.marker_ids = torch.tensor(sorted(marker_ids), dtype=torch.long)
+        self.marker_ids = np.array(sorted(marker_ids), dtype=np.int64)
+        if backend not in ("auto", "packed", "padded"):
+            raise ValueError(f"backend must be auto, packed or padded, not {backend!r}")
+        if backend == "auto":
+            backend = "packed" if device.type == "cpu" and packed_supports(model.backbone.config) else "padded"
+        self.backend = backend
+        self.packed = PackedQwen2(model.backbone) if backend == "packed" else None
+        self.graphs = graphs if graphs is not None and graphs.enabled else None
         self.last_stats = BatchStats()
+        self._stats = BatchStats()
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,7 +152,7 @@ class TorchRunner:
             state = self._prefix(prefix, hits.get(prefix))
             self._suffixes(state, [jobs[i] for i in members], members, results)
             results[members[0]].computed_tokens += state.computed  # the shared prefix ran once
-        for group in plan_forwards([len(jobs[i].ids) for i in plain], self.max_forward_tokens):
+        for group in plan_forwards([len(jobs[i].ids) for i in plain], self.max_forward_tokens, self.packed is not None):
             slots = [plain[g] for g in group]
             self._plain([jobs[i] for i in slots], slots, results)
         self._stats.computed_tokens = sum(r.computed_tokens for r in results)
@@ -137,28 +160,83 @@ class TorchRunner:
         self.last_stats = self._stats
         return results  # type: ignore[return-value]
 
-    # -- phases ----------------------------------------------------------------------------------
-    def _marker_values(self, ids: torch.Tensor, hidden: torch.Tensor) -> np.ndarray:
-        """Promises at marker positions of one sequence (ids [S], hidden [S, H]); NaN elsewhere."""
-        values = np.full(ids.shape[0], np.nan, dtype=np.float32)
-        if self.marker_ids.numel():
-            positions = torch.nonzero(torch.isin(ids.cpu(), self.marker_ids)).flatten()
-            if positions.numel():
-                values[positions.numpy()] = self.model.readout(hidden, positions.to(hidden.device)).float().cpu().numpy()
-        return values
+    # -- one pass ----------------------------------------------------------------------------------
+    def _markers_of(self, ids) -> np.ndarray:
+        """Positions of readout-marker tokens in ids."""
+        if not self.marker_ids.size:
+            return np.empty(0, dtype=np.int64)
+        return np.flatnonzero(np.isin(np.asarray(ids, dtype=np.int64), self.marker_ids))
 
-    def _forward(self, ids: torch.Tensor, past: KV | None, keep_kv: bool):
-        """Hidden states [B, S, H], and the full KV (past + these tokens) when `keep_kv` or continuing."""
+    def _run(self, seqs: list, past: KV | None, keep_kv: bool, wanted: list[np.ndarray]):
+        """Run sequences (token ids, each continuing the shared `past` when given) in one pass. Returns the
+        promises at `wanted[b]` (positions within seqs[b]) per sequence, and with `keep_kv` a function
+        (b, n) -> the KV of past + seqs[b][:n] per layer as [1, kv_heads, P + n, hd]."""
+        lengths = [len(s) for s in seqs]
+        self._stats.forwards += 1
+        if self.packed is not None:
+            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+            self._stats.padded_tokens += sum(lengths)
+            ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.device)  # [N]
+            hidden, new_kv = self.packed.forward(ids, lengths, past, keep_kv)  # [N, H]
+            kv_rows = None
+            if keep_kv:
+                def kv_rows(b: int, n: int) -> KV:
+                    lo = int(offsets[b])
+                    rows = [(k[lo:lo + n].transpose(0, 1).unsqueeze(0), v[lo:lo + n].transpose(0, 1).unsqueeze(0))
+                            for k, v in new_kv]  # [1, kvh, n, hd]
+                    if past is None:
+                        return rows
+                    return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
+                            for (pk, pv), (k, v) in zip(past, rows)]
+            return self._readout(hidden, offsets, wanted), kv_rows
+        length = max(lengths)
+        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)  # [B, T]
+        for b, s in enumerate(seqs):
+            ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        self._stats.padded_tokens += ids.numel()
+        offsets = np.arange(len(seqs), dtype=np.int64) * length
+        if past is None and self.graphs is not None and (self.graphs.with_kv or not keep_kv):
+            flat = np.concatenate([offsets[b] + w for b, w in enumerate(wanted)]) if wanted else np.empty(0, int)
+            out = (self.graphs.maybe_run_with_kv(ids.to(self.device), torch.from_numpy(flat)) if keep_kv
+                   else self.graphs.maybe_run(ids.to(self.device), torch.from_numpy(flat)))
+            if out is not None:
+                promises, kv = out if keep_kv else (out, None)
+                values = promises.float().cpu().numpy()
+                return np.split(values, np.cumsum([len(w) for w in wanted])[:-1]), self._rows_of(kv, 0)
         cache = None
         if past is not None:
+            past = [(k.expand(len(seqs), -1, -1, -1), v.expand(len(seqs), -1, -1, -1)) for k, v in past]
             cache = DynamicCache(ddp_cache_data=past)
         elif keep_kv:
             cache = DynamicCache()
-        self._stats.forwards += 1
-        self._stats.padded_tokens += ids.numel()
-        hidden, cache = self.model.hidden_states(ids.to(self.device), past_key_values=cache)
-        return hidden, (_kv_of(cache) if cache is not None else None)
+        hidden, cache = self.model.hidden_states(ids.to(self.device), past_key_values=cache)  # [B, T, H]
+        p = past[0][0].shape[2] if past is not None else 0
+        kv = _kv_of(cache) if cache is not None and keep_kv else None
+        return self._readout(hidden, offsets, wanted), self._rows_of(kv, p)
 
+    @staticmethod
+    def _rows_of(kv: KV | None, p: int):
+        if kv is None:
+            return None
+        return lambda b, n: [(k[b:b + 1, :, :p + n], v[b:b + 1, :, :p + n]) for k, v in kv]
+
+    def _readout(self, hidden: torch.Tensor, offsets: np.ndarray, wanted: list[np.ndarray]) -> list[np.ndarray]:
+        """One value-head call for every wanted position; hidden [N, H] or [B, T, H] flattened by `offsets`."""
+        counts = [len(w) for w in wanted]
+        if not sum(counts):
+            return [np.empty(0, dtype=np.float32) for _ in wanted]
+        flat = torch.from_numpy(np.concatenate([offsets[b] + np.asarray(w, dtype=np.int64)
+                                                for b, w in enumerate(wanted)])).to(self.device)
+        values = self.model.readout(hidden, flat).float().cpu().numpy()
+        return np.split(values, np.cumsum(counts)[:-1])
+
+    @staticmethod
+    def _marker_array(n: int, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+        out = np.full(n, np.nan, dtype=np.float32)
+        out[positions] = values
+        return out
+
+    # -- phases ----------------------------------------------------------------------------------
     def _prefix(self, prefix: tuple[int, ...], hit: Hit | None) -> _Prefix:
         hit = hit if hit is not None else self.cache.lookup(prefix)
         past = hit.kv() if hit.tokens else None
@@ -166,50 +244,43 @@ class TorchRunner:
         rest = prefix[hit.tokens:]
         if not rest:
             return _Prefix(past, markers, 0)
-        ids = torch.tensor([rest], dtype=torch.long)  # [1, R]
-        hidden, kv = self._forward(ids, past, keep_kv=True)  # [1, R, H]
-        markers = np.concatenate([markers, self._marker_values(ids[0], hidden[0])])
+        positions = self._markers_of(rest)
+        (values,), kv_rows = self._run([rest], past, keep_kv=True, wanted=[positions])
+        markers = np.concatenate([markers, self._marker_array(len(rest), positions, values)])
+        kv = kv_rows(0, len(rest))
         self.cache.insert(prefix, kv, markers)
         return _Prefix(kv, markers, len(rest))
 
     def _suffixes(self, state: _Prefix, jobs: list[ScoreJob], slots: list[int], results: list) -> None:
         p = len(state.markers)
-        for group in plan_forwards([len(j.ids) - p for j in jobs], self.max_forward_tokens):
+        lone = len(jobs) == 1 and self.cache.enabled  # a lone sequence: cache its grown history too
+        for group in plan_forwards([len(j.ids) - p for j in jobs], self.max_forward_tokens, self.packed is not None):
             batch = [jobs[g] for g in group]
-            length = max(len(j.ids) for j in batch) - p
-            ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)  # [B, S]
-            for b, job in enumerate(batch):
-                ids[b, : len(job.ids) - p] = torch.tensor(job.ids[p:], dtype=torch.long)
-            past = None
-            if state.kv is not None:
-                past = [(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in state.kv]
-            hidden, kv = self._forward(ids, past, keep_kv=self.cache.enabled)  # [B, S, H]
-            flat = [b * length + r - p for b, job in enumerate(batch) for r in job.readouts if r >= p]
-            values = iter(self.model.readout(hidden, torch.tensor(flat, dtype=torch.long, device=self.device))
-                          .float().cpu().numpy())
+            seqs = [job.ids[p:] for job in batch]
+            inside = [np.array([r - p for r in job.readouts if r >= p], dtype=np.int64) for job in batch]
+            marks = [self._markers_of(s) if lone else np.empty(0, dtype=np.int64) for s in seqs]
+            values, kv_rows = self._run(seqs, state.kv, keep_kv=lone,
+                                        wanted=[np.concatenate([a, m]) for a, m in zip(inside, marks)])
             for b, (job, g) in enumerate(zip(batch, group)):
-                promises = np.array([next(values) if r >= p else state.markers[r] for r in job.readouts],
+                own = iter(values[b][: len(inside[b])])
+                promises = np.array([next(own) if r >= p else state.markers[r] for r in job.readouts],
                                     dtype=np.float32)
                 if np.isnan(promises).any():
                     raise RuntimeError("a readout inside a shared prefix is not at a marker token")
-                results[slots[g]] = JobResult(promises, len(job.ids) - p)
-                if len(jobs) == 1 and self.cache.enabled:  # a lone sequence: cache its grown history too
-                    n = len(job.ids) - p
-                    markers = np.concatenate([state.markers, self._marker_values(ids[b, :n], hidden[b, :n])])
-                    self.cache.insert(job.ids, kv, markers, row=b)
+                results[slots[g]] = JobResult(promises, len(seqs[b]))
+                if lone:
+                    n = len(seqs[b])
+                    new = self._marker_array(n, marks[b], values[b][len(inside[b]):])
+                    self.cache.insert(job.ids, kv_rows(b, n), np.concatenate([state.markers, new]))
 
     def _plain(self, jobs: list[ScoreJob], slots: list[int], results: list) -> None:
-        length = max(len(j.ids) for j in jobs)
-        ids = torch.full((len(jobs), length), self.pad_id, dtype=torch.long)  # [B, T]
-        for b, job in enumerate(jobs):
-            ids[b, : len(job.ids)] = torch.tensor(job.ids, dtype=torch.long)
-        hidden, kv = self._forward(ids, None, keep_kv=self.cache.enabled)  # [B, T, H]
-        flat = torch.tensor([b * length + r for b, job in enumerate(jobs) for r in job.readouts],
-                            dtype=torch.long, device=self.device)  # [N]
-        promises = self.model.readout(hidden, flat).float().cpu().numpy()
-        splits = np.split(promises, np.cumsum([len(j.readouts) for j in jobs])[:-1])
-        for b, (job, slot, out) in enumerate(zip(jobs, slots, splits)):
-            results[slot] = JobResult(out, len(job.ids))
-            if kv is not None:
+        keep = self.cache.enabled
+        readouts = [np.asarray(job.readouts, dtype=np.int64) for job in jobs]
+        marks = [self._markers_of(job.ids) if keep else np.empty(0, dtype=np.int64) for job in jobs]
+        values, kv_rows = self._run([job.ids for job in jobs], None, keep_kv=keep,
+                                    wanted=[np.concatenate([r, m]) for r, m in zip(readouts, marks)])
+        for b, (job, slot) in enumerate(zip(jobs, slots)):
+            results[slot] = JobResult(values[b][: len(readouts[b])].astype(np.float32), len(job.ids))
+            if keep:
                 n = len(job.ids)
-                self.cache.insert(job.ids, kv, self._marker_values(ids[b, :n], hidden[b, :n]), row=b)
+                self.cache.insert(job.ids, kv_rows(b, n), self._marker_array(n, marks[b], values[b][len(readouts[b]):]))

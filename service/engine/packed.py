@@ -1,0 +1,131 @@
+"""Packed forward for Qwen2-architecture backbones: no padding, fused projections, one RoPE table.
+
+The transformers forward takes a padded [B, T] batch: on a CPU every pad token costs as much as a real one
+(W1-style batches of trajectories of different lengths carry 20-35% padding), and a small model spends much
+of its time in per-op overhead (separate q/k/v and gate/up projections, RoPE recomputed on every call).
+`PackedQwen2` computes the same function on the concatenation of the sequences ([N, H], N = total real
+tokens): every projection is one matmul over all tokens (q|k|v and gate|up fused), and only attention runs
+per sequence (SDPA, causal within the sequence, against an optional shared past: a rerank's task, a beam's
+history, a cached prefix). Numerically it is the transformers Qwen2 forward up to float rounding (the test
+suite checks <= 1e-5 on random checkpoints).
+
+It shares the backbone's parameters (the fused q|k|v and gate|up weights are concatenated copies), so it is
+built once per loaded model. `supports(config)` says whether a config is within what it implements
+(Qwen2, full attention, default RoPE); otherwise the runner keeps the transformers path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [1, kv_heads, P, head_dim]
+
+
+def supports(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or {}
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    return (getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False)
+            and rope.get("rope_type", "default") == "default" and all(t == "full_attention" for t in layer_types)
+            and getattr(config, "hidden_act", "silu") == "silu")
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        self.qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
+        self.o_w = attn.o_proj.weight.detach()
+        self.gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+        self.down_w = mlp.down_proj.weight.detach()
+        self.ln1 = layer.input_layernorm.weight.detach()
+        self.ln2 = layer.post_attention_layernorm.weight.detach()
+
+
+class PackedQwen2:
+    def __init__(self, backbone: nn.Module):
+        config = backbone.config
+        if not supports(config):
+            raise ValueError("PackedQwen2 supports Qwen2 with full attention and default RoPE only")
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embed = backbone.embed_tokens.weight.detach()
+        self.norm = backbone.norm.weight.detach()
+        self.layers = [_Layer(layer) for layer in backbone.layers]
+        self.dtype = self.embed.dtype
+        theta = config.rope_parameters.get("rope_theta", 10000.0)
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(torch.float32) / self.head_dim
+        self.inv_freq = (1.0 / (theta ** exponent)).to(self.embed.device)  # [hd/2], as transformers computes it
+        self._cos = self._sin = torch.empty(0, self.head_dim, device=self.embed.device)
+        self._grow_rope(max(2048, int(getattr(config, "max_position_embeddings", 2048))))
+
+    def _grow_rope(self, length: int) -> None:
+        positions = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = positions[:, None] * self.inv_freq[None, :]  # [L, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [L, hd]
+        self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, lengths: list[int], past: KV | None = None,
+                keep_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
+        """ids [N] (sequences concatenated, lengths summing to N), each continuing `past` (per layer
+        [1, kv_heads, P, hd], shared by all sequences) when given. Returns hidden [N, H] after the final
+        norm and, with `keep_kv`, the new tokens' KV per layer as [N, kv_heads, hd] (keys after RoPE)."""
+        n = ids.shape[0]
+        p = past[0][0].shape[2] if past is not None else 0
+        offsets = [0]
+        for length in lengths:
+            offsets.append(offsets[-1] + length)
+        if offsets[-1] != n:
+            raise ValueError(f"lengths sum to {offsets[-1]}, ids hold {n} tokens")
+        longest = p + max(lengths)
+        if longest > self._cos.shape[0]:
+            self._grow_rope(2 * longest)
+        positions = torch.cat([torch.arange(p, p + length) for length in lengths]).to(ids.device)  # [N]
+        cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [N, 1, hd]
+        nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
+        q_size, kv_size = nh * hd, kvh * hd
+        x = self.embed[ids]  # [N, H]
+        kept: KV = []
+        for li, layer in enumerate(self.layers):
+            h = self._rms(x, layer.ln1)
+            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)  # [N, (nh + 2 kvh) hd]
+            q = self._rotate(qkv[:, :q_size].view(n, nh, hd), cos, sin)  # [N, nh, hd]
+            k = self._rotate(qkv[:, q_size:q_size + kv_size].view(n, kvh, hd), cos, sin)  # [N, kvh, hd]
+            v = qkv[:, q_size + kv_size:].view(n, kvh, hd)
+            if keep_kv:
+                kept.append((k, v))
+            out = torch.empty(n, nh, hd, dtype=x.dtype, device=x.device)
+            for s, length in enumerate(lengths):
+                lo, hi = offsets[s], offsets[s + 1]
+                qs = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, nh, L, hd]
+                ks = k[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, kvh, L, hd]
+                vs = v[lo:hi].transpose(0, 1).unsqueeze(0)
+                if p:
+                    pk, pv = past[li]
+                    ks, vs = torch.cat([pk, ks], dim=2), torch.cat([pv, vs], dim=2)  # [1, kvh, P+L, hd]
+                    # query i (absolute position p+i) sees keys 0..p+i: bottom-right aligned causal mask
+                    mask = torch.ones(length, p + length, dtype=torch.bool, device=x.device).tril(diagonal=p)
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=nh != kvh)
+                else:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=length > 1, enable_gqa=nh != kvh)
+                out[lo:hi] = o[0].transpose(0, 1)
+            x = x + F.linear(out.view(n, q_size), layer.o_w)
+            h = self._rms(x, layer.ln2)
+            gate, up = F.linear(h, layer.gate_up_w).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down_w)
+        return self._rms(x, self.norm), (kept if keep_kv else None)
