@@ -29,7 +29,8 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget of one dynamic batch")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits for more requests")
+    max_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for more requests (0: none; "
+                                                      "requests that arrive while a batch runs form the next)")
     max_forward_tokens: int = Field(8192, ge=1, description="Padded tokens per forward pass inside a batch")
     max_queue_jobs: int = Field(4096, ge=1, description="Queued sequences beyond which requests get 429")
     max_queue_tokens: int = Field(1 << 20, ge=1, description="Queued tokens beyond which requests get 429")

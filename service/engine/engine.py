@@ -34,7 +34,7 @@ log = logging.getLogger("agentprm.engine")
 class EngineConfig:
     device: str = "auto"
     max_batch_tokens: int = 16384
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0  # 0: continuous batching (a batch takes what queued while the last one ran)
     max_queue_jobs: int = 4096
     max_queue_tokens: int = 1 << 20
     max_forward_tokens: int = 8192

@@ -79,28 +79,62 @@ class PackedQwen2:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    def _units(self, lengths: list[int], offsets: list[int], pasts: list[KV | None], device) -> list[tuple]:
+        """Attention units: a sequence without a past attends causally to itself; consecutive short sequences
+        that continue the same past (the same object) attend together to it, each to its own tokens only
+        (one SDPA call with a mask instead of one per sequence, and the past concatenated once)."""
+        units, i = [], 0
+        while i < len(lengths):
+            j = i + 1
+            if pasts[i] is not None:
+                # A unit's masked attention costs n_u * (P + n_u): worth it while the unit's tokens stay
+                # within max(P, 128) (short candidates on a long history); long suffixes run one by one.
+                limit, tokens = max(pasts[i][0][0].shape[2], 128), lengths[i]
+                while j < len(lengths) and pasts[j] is pasts[i] and tokens + lengths[j] <= limit:
+                    tokens += lengths[j]
+                    j += 1
+            lo, hi = offsets[i], offsets[j]
+            if pasts[i] is None:
+                units.append((lo, hi, None, None))
+            else:
+                p = pasts[i][0][0].shape[2]
+                seg = torch.repeat_interleave(torch.arange(j - i), torch.tensor(lengths[i:j]))  # [n]
+                pos = torch.cat([torch.arange(n) for n in lengths[i:j]])  # [n]
+                own = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])  # [n, n]
+                mask = torch.cat([torch.ones(hi - lo, p, dtype=torch.bool), own], dim=1).to(device)  # [n, p+n]
+                units.append((lo, hi, pasts[i], mask))
+            i = j
+        return units
+
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, lengths: list[int], past: KV | None = None,
-                keep_kv: bool = False) -> tuple[torch.Tensor, KV | None]:
-        """ids [N] (sequences concatenated, lengths summing to N), each continuing `past` (per layer
-        [1, kv_heads, P, hd], shared by all sequences) when given. Returns hidden [N, H] after the final
-        norm and, with `keep_kv`, the new tokens' KV per layer as [N, kv_heads, hd] (keys after RoPE)."""
+    def forward(self, ids: torch.Tensor, lengths: list[int], past: KV | None = None, keep_kv: bool = False,
+                pasts: list[KV | None] | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """ids [N] (sequences concatenated, lengths summing to N). Each sequence continues `pasts[s]` (per
+        layer [1, kv_heads, P_s, hd]; None: from position 0), or `past` for all of them. Returns hidden
+        [N, H] after the final norm and, with `keep_kv`, the new tokens' KV per layer as [N, kv_heads, hd]
+        (keys after RoPE)."""
         n = ids.shape[0]
-        p = past[0][0].shape[2] if past is not None else 0
+        if pasts is None:
+            pasts = [past] * len(lengths)
+        if len(pasts) != len(lengths):
+            raise ValueError(f"{len(pasts)} pasts for {len(lengths)} sequences")
         offsets = [0]
         for length in lengths:
             offsets.append(offsets[-1] + length)
         if offsets[-1] != n:
             raise ValueError(f"lengths sum to {offsets[-1]}, ids hold {n} tokens")
-        longest = p + max(lengths)
+        starts = [pk[0][0].shape[2] if pk is not None else 0 for pk in pasts]
+        longest = max(p + length for p, length in zip(starts, lengths))
         if longest > self._cos.shape[0]:
             self._grow_rope(2 * longest)
-        positions = torch.cat([torch.arange(p, p + length) for length in lengths]).to(ids.device)  # [N]
+        positions = torch.cat([torch.arange(p, p + length) for p, length in zip(starts, lengths)]).to(ids.device)
         cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [N, 1, hd]
+        units = self._units(lengths, offsets, pasts, ids.device)
         nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = nh * hd, kvh * hd
+        gqa = nh != kvh
         x = self.embed[ids]  # [N, H]
-        kept: KV = []
+        kept = []
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
             qkv = F.linear(h, layer.qkv_w, layer.qkv_b)  # [N, (nh + 2 kvh) hd]
@@ -110,19 +144,16 @@ class PackedQwen2:
             if keep_kv:
                 kept.append((k, v))
             out = torch.empty(n, nh, hd, dtype=x.dtype, device=x.device)
-            for s, length in enumerate(lengths):
-                lo, hi = offsets[s], offsets[s + 1]
-                qs = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, nh, L, hd]
-                ks = k[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, kvh, L, hd]
+            for lo, hi, unit_past, mask in units:
+                qs = q[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, nh, n_u, hd]
+                ks = k[lo:hi].transpose(0, 1).unsqueeze(0)  # [1, kvh, n_u, hd]
                 vs = v[lo:hi].transpose(0, 1).unsqueeze(0)
-                if p:
-                    pk, pv = past[li]
-                    ks, vs = torch.cat([pk, ks], dim=2), torch.cat([pv, vs], dim=2)  # [1, kvh, P+L, hd]
-                    # query i (absolute position p+i) sees keys 0..p+i: bottom-right aligned causal mask
-                    mask = torch.ones(length, p + length, dtype=torch.bool, device=x.device).tril(diagonal=p)
-                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=nh != kvh)
+                if unit_past is None:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=hi - lo > 1, enable_gqa=gqa)
                 else:
-                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=length > 1, enable_gqa=nh != kvh)
+                    pk, pv = unit_past[li]
+                    ks, vs = torch.cat([pk, ks], dim=2), torch.cat([pv, vs], dim=2)  # [1, kvh, P+n_u, hd]
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
                 out[lo:hi] = o[0].transpose(0, 1)
             x = x + F.linear(out.view(n, q_size), layer.o_w)
             h = self._rms(x, layer.ln2)

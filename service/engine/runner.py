@@ -148,9 +148,9 @@ class TorchRunner:
                 hits[prefix] = hit
             else:
                 plain.append(i)
-        for prefix, members in groups.items():
-            state = self._prefix(prefix, hits.get(prefix))
-            self._suffixes(state, [jobs[i] for i in members], members, results)
+        states = self._prefixes([(prefix, hits.get(prefix)) for prefix in groups])
+        self._suffixes(list(zip(states, groups.values())), jobs, results)
+        for state, members in zip(states, groups.values()):
             results[members[0]].computed_tokens += state.computed  # the shared prefix ran once
         for group in plan_forwards([len(jobs[i].ids) for i in plain], self.max_forward_tokens, self.packed is not None):
             slots = [plain[g] for g in group]
@@ -167,28 +167,32 @@ class TorchRunner:
             return np.empty(0, dtype=np.int64)
         return np.flatnonzero(np.isin(np.asarray(ids, dtype=np.int64), self.marker_ids))
 
-    def _run(self, seqs: list, past: KV | None, keep_kv: bool, wanted: list[np.ndarray]):
-        """Run sequences (token ids, each continuing the shared `past` when given) in one pass. Returns the
-        promises at `wanted[b]` (positions within seqs[b]) per sequence, and with `keep_kv` a function
-        (b, n) -> the KV of past + seqs[b][:n] per layer as [1, kv_heads, P + n, hd]."""
+    def _run(self, seqs: list, pasts: list[KV | None], keep_kv: bool, wanted: list[np.ndarray]):
+        """Run sequences (token ids, seqs[b] continuing pasts[b] when not None) in one pass. The padded
+        backend needs one past shared by all (the same object) or none. Returns the promises at `wanted[b]`
+        (positions within seqs[b]) per sequence, and with `keep_kv` a function (b, n) -> the KV of
+        pasts[b] + seqs[b][:n] per layer as [1, kv_heads, P + n, hd]."""
         lengths = [len(s) for s in seqs]
         self._stats.forwards += 1
         if self.packed is not None:
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
             self._stats.padded_tokens += sum(lengths)
             ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.device)  # [N]
-            hidden, new_kv = self.packed.forward(ids, lengths, past, keep_kv)  # [N, H]
+            hidden, new_kv = self.packed.forward(ids, lengths, keep_kv=keep_kv, pasts=pasts)  # [N, H]
             kv_rows = None
             if keep_kv:
                 def kv_rows(b: int, n: int) -> KV:
                     lo = int(offsets[b])
                     rows = [(k[lo:lo + n].transpose(0, 1).unsqueeze(0), v[lo:lo + n].transpose(0, 1).unsqueeze(0))
                             for k, v in new_kv]  # [1, kvh, n, hd]
-                    if past is None:
+                    if pasts[b] is None:
                         return rows
                     return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
-                            for (pk, pv), (k, v) in zip(past, rows)]
+                            for (pk, pv), (k, v) in zip(pasts[b], rows)]
             return self._readout(hidden, offsets, wanted), kv_rows
+        past = pasts[0]
+        if any(other is not past for other in pasts):
+            raise ValueError("the padded backend runs sequences with one shared past per pass")
         length = max(lengths)
         ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)  # [B, T]
         for b, s in enumerate(seqs):
@@ -237,47 +241,82 @@ class TorchRunner:
         return out
 
     # -- phases ----------------------------------------------------------------------------------
-    def _prefix(self, prefix: tuple[int, ...], hit: Hit | None) -> _Prefix:
-        hit = hit if hit is not None else self.cache.lookup(prefix)
-        past = hit.kv() if hit.tokens else None
-        markers = hit.markers()
-        rest = prefix[hit.tokens:]
-        if not rest:
-            return _Prefix(past, markers, 0)
-        positions = self._markers_of(rest)
-        (values,), kv_rows = self._run([rest], past, keep_kv=True, wanted=[positions])
-        markers = np.concatenate([markers, self._marker_array(len(rest), positions, values)])
-        kv = kv_rows(0, len(rest))
-        self.cache.insert(prefix, kv, markers)
-        return _Prefix(kv, markers, len(rest))
+    def _prefixes(self, items: list[tuple[tuple[int, ...], Hit | None]]) -> list[_Prefix]:
+        """The KV and marker promises of every shared prefix, continuing from its cached chain. The packed
+        backend runs the uncached rests of all prefixes together (each against its own cached past)."""
+        states: list[_Prefix | None] = [None] * len(items)
+        todo = []  # (index, prefix, past, markers before, rest)
+        for i, (prefix, hit) in enumerate(items):
+            hit = hit if hit is not None else self.cache.lookup(prefix)
+            past = hit.kv() if hit.tokens else None
+            rest = prefix[hit.tokens:]
+            if rest:
+                todo.append((i, prefix, past, hit.markers(), rest))
+            else:
+                states[i] = _Prefix(past, hit.markers(), 0)
+        if self.packed is not None:
+            passes = plan_forwards([len(t[4]) for t in todo], self.max_forward_tokens, packed=True)
+        else:
+            passes = [[k] for k in range(len(todo))]
+        for members in passes:
+            batch = [todo[k] for k in sorted(members)]
+            positions = [self._markers_of(rest) for *_, rest in batch]
+            values, kv_rows = self._run([rest for *_, rest in batch], [t[2] for t in batch], keep_kv=True,
+                                        wanted=positions)
+            for b, (i, prefix, _, before, rest) in enumerate(batch):
+                markers = np.concatenate([before, self._marker_array(len(rest), positions[b], values[b])])
+                kv = kv_rows(b, len(rest))
+                self.cache.insert(prefix, kv, markers)
+                states[i] = _Prefix(kv, markers, len(rest))
+        return states  # type: ignore[return-value]
 
-    def _suffixes(self, state: _Prefix, jobs: list[ScoreJob], slots: list[int], results: list) -> None:
-        p = len(state.markers)
-        lone = len(jobs) == 1 and self.cache.enabled  # a lone sequence: cache its grown history too
-        for group in plan_forwards([len(j.ids) - p for j in jobs], self.max_forward_tokens, self.packed is not None):
-            batch = [jobs[g] for g in group]
-            seqs = [job.ids[p:] for job in batch]
-            inside = [np.array([r - p for r in job.readouts if r >= p], dtype=np.int64) for job in batch]
-            marks = [self._markers_of(s) if lone else np.empty(0, dtype=np.int64) for s in seqs]
-            values, kv_rows = self._run(seqs, state.kv, keep_kv=lone,
-                                        wanted=[np.concatenate([a, m]) for a, m in zip(inside, marks)])
-            for b, (job, g) in enumerate(zip(batch, group)):
-                own = iter(values[b][: len(inside[b])])
-                promises = np.array([next(own) if r >= p else state.markers[r] for r in job.readouts],
-                                    dtype=np.float32)
-                if np.isnan(promises).any():
-                    raise RuntimeError("a readout inside a shared prefix is not at a marker token")
-                results[slots[g]] = JobResult(promises, len(seqs[b]))
-                if lone:
-                    n = len(seqs[b])
-                    new = self._marker_array(n, marks[b], values[b][len(inside[b]):])
-                    self.cache.insert(job.ids, kv_rows(b, n), np.concatenate([state.markers, new]))
+    def _suffixes(self, groups: list[tuple[_Prefix, list[int]]], jobs: list[ScoreJob], results: list) -> None:
+        """Every group's suffixes against its prefix KV. Readouts inside a prefix come from its marker promises.
+        A group of one (an agent's grown history) also caches its whole sequence. The packed backend mixes
+        groups in a pass (sequences of a group kept together: they share one attention call); the padded
+        backend runs each group's passes separately."""
+        items = []  # (state, job index, lone)
+        for state, members in groups:
+            lone = len(members) == 1 and self.cache.enabled
+            items += [(state, i, lone) for i in members]
+        lengths = [len(jobs[i].ids) - len(state.markers) for state, i, _ in items]
+        if self.packed is not None:
+            passes = plan_forwards(lengths, self.max_forward_tokens, packed=True)
+        else:
+            passes, start = [], 0
+            for _, members in groups:
+                passes += [[start + k for k in g]
+                           for g in plan_forwards(lengths[start:start + len(members)], self.max_forward_tokens)]
+                start += len(members)
+        for members in passes:
+            self._suffix_pass([items[k] for k in sorted(members)], jobs, results)
+
+    def _suffix_pass(self, items: list[tuple[_Prefix, int, bool]], jobs: list[ScoreJob], results: list) -> None:
+        seqs, inside, marks = [], [], []
+        for state, i, lone in items:
+            p, job = len(state.markers), jobs[i]
+            seqs.append(job.ids[p:])
+            inside.append(np.array([r - p for r in job.readouts if r >= p], dtype=np.int64))
+            marks.append(self._markers_of(seqs[-1]) if lone else np.empty(0, dtype=np.int64))
+        values, kv_rows = self._run(seqs, [state.kv for state, _, _ in items], keep_kv=any(t[2] for t in items),
+                                    wanted=[np.concatenate([a, m]) for a, m in zip(inside, marks)])
+        for b, (state, i, lone) in enumerate(items):
+            job, p = jobs[i], len(state.markers)
+            own = iter(values[b][: len(inside[b])])
+            promises = np.array([next(own) if r >= p else state.markers[r] for r in job.readouts], dtype=np.float32)
+            if np.isnan(promises).any():
+                raise RuntimeError("a readout inside a shared prefix is not at a marker token")
+            results[i] = JobResult(promises, len(seqs[b]))
+            if lone:
+                n = len(seqs[b])
+                new = self._marker_array(n, marks[b], values[b][len(inside[b]):])
+                self.cache.insert(job.ids, kv_rows(b, n), np.concatenate([state.markers, new]))
 
     def _plain(self, jobs: list[ScoreJob], slots: list[int], results: list) -> None:
         keep = self.cache.enabled
         readouts = [np.asarray(job.readouts, dtype=np.int64) for job in jobs]
         marks = [self._markers_of(job.ids) if keep else np.empty(0, dtype=np.int64) for job in jobs]
-        values, kv_rows = self._run([job.ids for job in jobs], None, keep_kv=keep,
+        values, kv_rows = self._run([job.ids for job in jobs], [None] * len(jobs), keep_kv=keep,
                                     wanted=[np.concatenate([r, m]) for r, m in zip(readouts, marks)])
         for b, (job, slot) in enumerate(zip(jobs, slots)):
             results[slot] = JobResult(values[b][: len(readouts[b])].astype(np.float32), len(job.ids))

@@ -1,7 +1,8 @@
 """Asyncio scheduler: dynamic batches under a token budget and a max wait, model in a worker thread.
 
 `submit(jobs)` enqueues a request's jobs and awaits their results. The batching loop waits for the
-first job, then up to `max_wait_s` for more unless the token budget is already full; it pops jobs in
+first job, then up to `max_wait_s` for more unless the token budget is already full (default 0: continuous
+batching -- what queued while the previous batch ran forms the next one, a lone request never waits); it pops jobs in
 arrival order up to the budget (a job too big for the remaining budget goes back to the head of the
 queue; one larger than the whole budget runs alone), runs the batch in a single worker thread, and
 resolves each job's future.
@@ -67,7 +68,7 @@ class _Entry:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_tokens: int = 16384
-    max_wait_s: float = 0.005
+    max_wait_s: float = 0.0
     max_queue_jobs: int = 4096
     max_queue_tokens: int = 1 << 20
     max_queue_delay_s: float = 10.0  # refuse when the queued work would take longer than this (0: no bound)

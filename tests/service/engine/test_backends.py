@@ -104,7 +104,13 @@ def _jobs(rng: np.random.Generator, vocab: int, marker: int) -> list[list[ScoreJ
     shared = seq(48)
     group = [job(shared + seq(n), prefix_len=len(shared)) for n in (1, 12, 7)]
     grown = job(plain[3].ids + seq(20))  # an agent re-sending a grown history: a cache hit
-    return [plain, group + [job(seq(30))], [grown]]
+    # Several groups in one batch (beam-expand over several beams): each against its own prefix, one of them
+    # continuing a cached chain, next to a grown history and a plain job.
+    beam_a, beam_b = group[1].ids, seq(21)
+    mixed = ([job(beam_a + seq(n), prefix_len=len(beam_a)) for n in (4, 9, 2)]
+             + [job(beam_b + seq(n), prefix_len=len(beam_b)) for n in (6, 1)]
+             + [job(grown.ids + seq(11)), job(seq(26))])
+    return [plain, group + [job(seq(30))], [grown], mixed]
 
 
 @pytest.fixture(scope="module")
