@@ -73,22 +73,25 @@ def _w3_call(engine, builder, gen, step: int = 8) -> dict:
                      b["observation"], tuple(b["candidates"])) for b in req.body["beams"]]
 
     passes = {"forwards": 0, "padded_tokens": 0, "batch_shapes": []}
+    runner = engine.runner
+    run_batch = runner.run_batch
 
-    def count(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        passes["forwards"] += 1
-        passes["padded_tokens"] += int(ids.numel())
-        passes["batch_shapes"].append(list(ids.shape))
+    def counted(jobs):  # the runner's own per-batch stats: right on every backend (packed, padded, graphs)
+        out = run_batch(jobs)
+        passes["forwards"] += runner.last_stats.forwards
+        passes["padded_tokens"] += runner.last_stats.padded_tokens
+        passes["batch_shapes"] += runner.last_stats.shapes
+        return out
 
     async def go():
         await engine.start()
         try:
             await engine.expand("default", beams(calls[0]), 8)
-            handle = engine.loaded.model.backbone.register_forward_pre_hook(count, with_kwargs=True)
+            engine.scheduler.run_batch = counted
             t = time.perf_counter()
             out = await engine.expand("default", beams(calls[1]), 8)
             seconds = time.perf_counter() - t
-            handle.remove()
+            engine.scheduler.run_batch = run_batch
             return seconds, out
         finally:
             await engine.shutdown()

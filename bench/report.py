@@ -282,7 +282,7 @@ def render(run: RunResult) -> str:
         if w3:
             shapes = ", ".join("x".join(map(str, sh)) for sh in w3["batch_shapes"][:24])
             out += ["", f"One W3 call in-process (step {w3['step']}, right after the agent's previous call): "
-                        f"{w3['forwards']} forward passes (batch x new tokens: {shapes}), {w3['padded_tokens']:,} "
+                        f"{w3['forwards']} forward passes (sequences x tokens in the pass, packed passes counting real tokens only: {shapes}), {w3['padded_tokens']:,} "
                         f"padded tokens, {w3['computed_tokens']:,} computed of {w3['prompt_tokens']:,}, "
                         f"{w3['seconds'] * 1000:.0f} ms ({w3['seconds'] * 1000 / max(1, w3['forwards']):.1f} ms per pass)."]
         if p.get("error"):

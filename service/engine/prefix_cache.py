@@ -2,8 +2,9 @@
 
 Ids are cut into blocks of `block_size` tokens; block i is keyed by a chain hash of every token up to its end,
 so a longer request finds its longest cached prefix block by block. An entry stores its tokens and its
-parent's key (a hash collision can never serve wrong KV), the per-layer keys and values of its positions
-([kv_heads, block, head_dim] each), and the promise at every readout-marker position in it (NaN elsewhere):
+parent's key (a hash collision can never serve wrong KV), the keys and values of its positions for every
+layer in one tensor ([layers, 2, kv_heads, block, head_dim]), and the promise at every readout-marker
+position in it (NaN elsewhere):
 a readout that falls inside a cached prefix (a beam's last step, the initial state) is served from there.
 
 Eviction is least-recently-used by bytes. A lookup touches a chain from its deepest block up to its root, so
@@ -23,8 +24,7 @@ import torch
 class Block:
     parent: int | None
     tokens: tuple[int, ...]
-    keys: list[torch.Tensor]  # per layer [kv_heads, block, head_dim]
-    values: list[torch.Tensor]
+    kv: torch.Tensor  # [layers, 2 (keys, values), kv_heads, block, head_dim]
     markers: np.ndarray  # [block] float32 promise at marker positions, NaN elsewhere
     nbytes: int = 0
 
@@ -45,9 +45,8 @@ class Hit:
 
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer (keys, values) as [1, kv_heads, tokens, head_dim], ready for a DynamicCache."""
-        layers = len(self.blocks[0].keys)
-        return [(torch.cat([b.keys[i] for b in self.blocks], dim=1).unsqueeze(0),
-                 torch.cat([b.values[i] for b in self.blocks], dim=1).unsqueeze(0)) for i in range(layers)]
+        whole = torch.cat([b.kv for b in self.blocks], dim=3)  # [L, 2, kvh, tokens, hd]: one copy
+        return [(layer[0].unsqueeze(0), layer[1].unsqueeze(0)) for layer in whole]
 
     def markers(self) -> np.ndarray:
         if not self.blocks:
@@ -113,19 +112,21 @@ class PrefixCache:
             return 0
         bs = self.block_size
         n_blocks = len(markers) // bs
-        chain, added = [], 0
+        chain, new = [], []
         for i, (key, parent, tokens) in enumerate(self._keys(ids, n_blocks)):
             chain.append(key)
-            if key in self._blocks:
-                continue
-            lo, hi = i * bs, (i + 1) * bs
-            keys = [k[row, :, lo:hi].clone() for k, _ in kv]
-            values = [v[row, :, lo:hi].clone() for _, v in kv]
-            block_markers = np.array(markers[i * bs:(i + 1) * bs], dtype=np.float32)
-            nbytes = sum(t.numel() * t.element_size() for t in keys + values) + block_markers.nbytes
-            self._blocks[key] = Block(parent, tokens, keys, values, block_markers, nbytes)
-            self.bytes += nbytes
-            added += 1
+            if key not in self._blocks:
+                new.append((i, key, parent, tokens))
+        if new:
+            lo, hi = new[0][0] * bs, (new[-1][0] + 1) * bs
+            span = torch.stack([torch.stack((k[row, :, lo:hi], v[row, :, lo:hi])) for k, v in kv])  # [L,2,kvh,S,hd]
+            for i, key, parent, tokens in new:
+                part = span[:, :, :, i * bs - lo:(i + 1) * bs - lo].clone()  # its own storage: evictable alone
+                block_markers = np.array(markers[i * bs:(i + 1) * bs], dtype=np.float32)
+                nbytes = part.numel() * part.element_size() + block_markers.nbytes
+                self._blocks[key] = Block(parent, tokens, part, block_markers, nbytes)
+                self.bytes += nbytes
+        added = len(new)
         self.stats.inserted_blocks += added
         if chain:
             self._touch([k for k in chain if k in self._blocks])

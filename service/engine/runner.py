@@ -27,7 +27,7 @@ The runner runs in the engine's worker thread.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ class BatchStats:
     padded_tokens: int = 0
     forwards: int = 0
     seconds: float = 0.0
+    shapes: list = field(default_factory=list)  # per pass: [sequences, tokens] (padded: [B, T]; packed: [B, N])
 
 
 @dataclass
@@ -177,6 +178,7 @@ class TorchRunner:
         if self.packed is not None:
             offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
             self._stats.padded_tokens += sum(lengths)
+            self._stats.shapes.append([len(seqs), sum(lengths)])
             ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.device)  # [N]
             hidden, new_kv = self.packed.forward(ids, lengths, keep_kv=keep_kv, pasts=pasts)  # [N, H]
             kv_rows = None
@@ -198,6 +200,7 @@ class TorchRunner:
         for b, s in enumerate(seqs):
             ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
         self._stats.padded_tokens += ids.numel()
+        self._stats.shapes.append(list(ids.shape))
         offsets = np.arange(len(seqs), dtype=np.int64) * length
         if past is None and self.graphs is not None and (self.graphs.with_kv or not keep_kv):
             flat = np.concatenate([offsets[b] + w for b, w in enumerate(wanted)]) if wanted else np.empty(0, int)
