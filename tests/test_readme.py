@@ -1,0 +1,47 @@
+"""The README's Configuration table is the reference users read: it must list every server setting, under
+its real flag and environment variable, with its real default."""
+
+from __future__ import annotations
+
+import re
+
+from service.settings import ServerSettings
+from tests.conftest import REPO
+
+
+def _config_rows() -> dict[str, list[str]]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4:
+            env = re.search(r"`(AGENTPRM_[A-Z0-9_]+)`", cells[1])
+            if env:
+                rows[env.group(1)] = cells
+    return rows
+
+
+def _shown(default) -> str:
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+def test_every_setting_is_documented_with_its_flag_and_default():
+    rows = _config_rows()
+    fields = ServerSettings.model_fields
+    expected = {f"AGENTPRM_{name.upper()}" for name in fields}
+    assert set(rows) == expected, f"missing: {sorted(expected - set(rows))}, unknown: {sorted(set(rows) - expected)}"
+    for name, field in fields.items():
+        flag, _, default, meaning = rows[f"AGENTPRM_{name.upper()}"]
+        assert f"--{name.replace('_', '-')}" in flag, name
+        assert meaning, name
+        value = field.get_default(call_default_factory=True)
+        if value is None or value == []:
+            assert re.search(r"none|unset", default), (name, default)
+        else:
+            first = re.search(r"`([^`]*)`", default)
+            assert first and first.group(1) == _shown(value), (name, default, value)
