@@ -3,6 +3,7 @@
 The transformers forward takes a padded [B, T] batch: on a CPU every pad token costs as much as a real one
 (W1-style batches of trajectories of different lengths carry 20-35% padding), and a small model spends much
 of its time in per-op overhead (separate q/k/v and gate/up projections, RoPE recomputed on every call).
+On a CPU the projections run through oneDNN with weights reordered once (`_Linear`).
 `PackedQwen2` computes the same function on the concatenation of the sequences ([N, H], N = total real
 tokens): every projection is one matmul over all tokens (q|k|v and gate|up fused), and only attention runs
 per sequence (SDPA, causal within the sequence, against an optional shared past: a rerank's task, a beam's
@@ -31,20 +32,49 @@ def supports(config) -> bool:
             and getattr(config, "hidden_act", "silu") == "silu")
 
 
+class _Linear:
+    """y = x W^T + b. On a CPU with oneDNN, the weight is reordered once into oneDNN's blocked layout and
+    multiplied by oneDNN (15-30% faster than the default BLAS path at the shapes of a scoring pass, measured
+    by bench/); elsewhere, or if oneDNN refuses the weight, F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool):
+        self.weight, self.bias = weight, bias
+        self.packed = None
+        if onednn:
+            try:
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+                probe = torch.randn(3, weight.shape[1], dtype=weight.dtype)
+                got = torch.ops.mkldnn._linear_pointwise(probe, packed, bias, "none", [], "")
+                if torch.allclose(got, F.linear(probe, weight, bias), atol=1e-3, rtol=1e-3):
+                    self.packed = packed
+            except (RuntimeError, AttributeError):  # no oneDNN op for this build or dtype
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def onednn_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 class _Layer:
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, onednn: bool):
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
-        self.qkv_b = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
-        self.o_w = attn.o_proj.weight.detach()
-        self.gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
-        self.down_w = mlp.down_proj.weight.detach()
+        self.qkv = _Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
+                           torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach(), onednn)
+        self.o = _Linear(attn.o_proj.weight.detach(), None, onednn)
+        self.gate_up = _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(), None, onednn)
+        self.down = _Linear(mlp.down_proj.weight.detach(), None, onednn)
         self.ln1 = layer.input_layernorm.weight.detach()
         self.ln2 = layer.post_attention_layernorm.weight.detach()
 
 
 class PackedQwen2:
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, onednn: bool | None = None):
         config = backbone.config
         if not supports(config):
             raise ValueError("PackedQwen2 supports Qwen2 with full attention and default RoPE only")
@@ -54,8 +84,12 @@ class PackedQwen2:
         self.eps = config.rms_norm_eps
         self.embed = backbone.embed_tokens.weight.detach()
         self.norm = backbone.norm.weight.detach()
-        self.layers = [_Layer(layer) for layer in backbone.layers]
         self.dtype = self.embed.dtype
+        if onednn is None:
+            onednn = onednn_available(self.embed.device, self.dtype)
+        self.layers = [_Layer(layer, onednn) for layer in backbone.layers]
+        self.onednn = onednn and all(lin.packed is not None for layer in self.layers
+                                     for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
         theta = config.rope_parameters.get("rope_theta", 10000.0)
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(torch.float32) / self.head_dim
         self.inv_freq = (1.0 / (theta ** exponent)).to(self.embed.device)  # [hd/2], as transformers computes it
@@ -137,7 +171,7 @@ class PackedQwen2:
         kept = []
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1)
-            qkv = F.linear(h, layer.qkv_w, layer.qkv_b)  # [N, (nh + 2 kvh) hd]
+            qkv = layer.qkv(h)  # [N, (nh + 2 kvh) hd]
             q = self._rotate(qkv[:, :q_size].view(n, nh, hd), cos, sin)  # [N, nh, hd]
             k = self._rotate(qkv[:, q_size:q_size + kv_size].view(n, kvh, hd), cos, sin)  # [N, kvh, hd]
             v = qkv[:, q_size + kv_size:].view(n, kvh, hd)
@@ -155,8 +189,8 @@ class PackedQwen2:
                     ks, vs = torch.cat([pk, ks], dim=2), torch.cat([pv, vs], dim=2)  # [1, kvh, P+n_u, hd]
                     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
                 out[lo:hi] = o[0].transpose(0, 1)
-            x = x + F.linear(out.view(n, q_size), layer.o_w)
+            x = x + layer.o(out.view(n, q_size))
             h = self._rms(x, layer.ln2)
-            gate, up = F.linear(h, layer.gate_up_w).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down_w)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return self._rms(x, self.norm), (kept if keep_kv else None)

@@ -32,10 +32,14 @@ def backbone(kind: str, seed: int = 0):
     return model
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "blas"])
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
-def test_packed_forward_equals_transformers(kind):
+def test_packed_forward_equals_transformers(kind, onednn):
     model = backbone(kind)
-    packed = PackedQwen2(model)
+    packed = PackedQwen2(model, onednn=onednn)
+    if onednn and not packed.onednn:
+        pytest.skip("oneDNN linear (torch.ops.mkldnn._linear_pointwise) is not in this torch build")
+    assert packed.onednn == onednn
     gen = torch.Generator().manual_seed(1)
     lengths = [1, 7, 33, 20, 90]  # 90 > max_position_embeddings: the RoPE table grows
     seqs = [torch.randint(3, 300, (n,), generator=gen) for n in lengths]
