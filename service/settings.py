@@ -31,8 +31,8 @@ class ServerSettings(BaseSettings):
     max_batch_tokens: int = Field(16384, ge=1, description="Token budget of one dynamic batch")
     max_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for more requests (0: none; "
                                                       "requests that arrive while a batch runs form the next)")
-    max_forward_tokens: int = Field(8192, ge=1, description="Tokens per forward pass inside a batch "
-                                                                   "(padded B x T on the padded backend)")
+    max_forward_tokens: int = Field(0, ge=0, description="Tokens per forward pass inside a batch (padded B x T on "
+                                                         "the padded backend); 0: 2048 on a CPU, 8192 on a GPU")
     max_queue_jobs: int = Field(4096, ge=1, description="Queued sequences beyond which requests get 429")
     max_queue_tokens: int = Field(1 << 20, ge=1, description="Queued tokens beyond which requests get 429")
     max_queue_delay_s: float = Field(10.0, ge=0, description="Queued work, in seconds at the measured throughput, "

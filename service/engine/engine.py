@@ -37,7 +37,7 @@ class EngineConfig:
     max_wait_ms: float = 0.0  # 0: continuous batching (a batch takes what queued while the last one ran)
     max_queue_jobs: int = 4096
     max_queue_tokens: int = 1 << 20
-    max_forward_tokens: int = 8192
+    max_forward_tokens: int = 0  # 0: auto, 2048 on a CPU (smaller passes stay in cache), 8192 on a GPU
     max_trajectories: int = 256
     max_candidates: int = 512
     prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
@@ -77,7 +77,8 @@ class PRMEngine(EngineClient):
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
-                                  max_forward_tokens=config.max_forward_tokens, cache=self.cache,
+                                  max_forward_tokens=config.max_forward_tokens or (2048 if self.device.type == "cpu" else 8192),
+                                  cache=self.cache,
                                   marker_ids=(self.renderer.end_id, self.renderer.state_id),
                                   backend=config.backend, graphs=graphs)
         self.scheduler = Scheduler(
