@@ -37,7 +37,7 @@ class EngineConfig:
     max_wait_ms: float = 0.0  # 0: continuous batching (a batch takes what queued while the last one ran)
     max_queue_jobs: int = 4096
     max_queue_tokens: int = 1 << 20
-    max_forward_tokens: int = 0  # 0: auto, 2048 on a CPU (smaller passes stay in cache), 8192 on a GPU
+    max_forward_tokens: int = 0  # 0: auto, 2048 on a CPU (bench/cpu_kernels.py measures it), 8192 on a GPU
     max_trajectories: int = 256
     max_candidates: int = 512
     prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
