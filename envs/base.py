@@ -131,10 +131,12 @@ def check_k(env: TextEnv, k: int) -> None:
         raise ValueError(f"k must be between 1 and {len(env.valid_actions)} (the number of valid actions), got {k}")
 
 
-def run_episode(env: TextEnv, policy: Policy, seed: int) -> dict:
-    """Play one episode from `seed` to its end; the trajectory in the project's JSONL format."""
+def run_episode(env: TextEnv, policy: Policy, seed: int, policy_seed: int | None = None,
+                extra: dict | None = None) -> dict:
+    """Play one episode from `seed` to its end, the policy re-seeded by `policy_seed` (default: `seed`); the
+    trajectory in the project's JSONL format, with `extra` added to its meta."""
     observation = env.reset(seed)
-    policy.reset(seed)
+    policy.reset(seed if policy_seed is None else policy_seed)
     steps = []
     while True:  # bounded: the environment ends every episode after max_steps actions
         action = policy.act(env)
@@ -143,7 +145,8 @@ def run_episode(env: TextEnv, policy: Policy, seed: int) -> dict:
         observation = outcome.observation
         if outcome.done:
             break
-    meta = {**env.meta(), "seed": seed, **policy.meta(), "success": outcome.success, "length": len(steps)}
+    meta = {**env.meta(), "seed": seed, **policy.meta(), "success": outcome.success, "length": len(steps),
+            **(extra or {})}
     return {"task": env.task, "steps": steps, "reward": float(outcome.reward), "meta": meta}
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from envs.babyai import ACTIONS, DEFAULT_LEVELS, BabyAITextEnv
-from envs.base import Policy, derive_seed
+from envs.base import Policy, derive_seed, run_episode
 from envs.policies import make_policy
 from envs.rollout import episode_seed
 from model_store.manifest import sha256_file
@@ -89,19 +89,7 @@ class DataConfig:
 
 def play(env: CappedBabyAIEnv, policy: Policy, seed: int, policy_seed: int, extra: dict | None = None) -> dict:
     """One episode of `seed` with the policy re-seeded by `policy_seed`; a trajectory in the JSONL format."""
-    observation = env.reset(seed)
-    policy.reset(policy_seed)
-    steps = []
-    while True:  # bounded by the horizon
-        action = policy.act(env)
-        steps.append({"observation": observation, "action": action})
-        outcome = env.step(action)
-        observation = outcome.observation
-        if outcome.done:
-            break
-    meta = {**env.meta(), "seed": seed, **policy.meta(), "success": outcome.success, "length": len(steps),
-            **(extra or {})}
-    return {"task": env.task, "steps": steps, "reward": float(outcome.reward), "meta": meta}
+    return run_episode(env, policy, seed, policy_seed, extra)
 
 
 def _write_jsonl(rows, path: Path) -> None:
