@@ -32,10 +32,15 @@ def supports(config) -> bool:
             and getattr(config, "hidden_act", "silu") == "silu")
 
 
+ROW_BUCKET = 64
+
+
 class _Linear:
     """y = x W^T + b. On a CPU with oneDNN, the weight is reordered once into oneDNN's blocked layout and
     multiplied by oneDNN (15-30% faster than the default BLAS path at the shapes of a scoring pass, measured
-    by bench/); elsewhere, or if oneDNN refuses the weight, F.linear."""
+    by bench/cpu_kernels.py); elsewhere, or if oneDNN refuses the weight, F.linear. Rows are padded to a multiple
+    of ROW_BUCKET: oneDNN keeps native state for every input shape it sees, and unbounded shapes (every pass
+    has its own token count) grew the process by ~70 MiB per 20 batches without bound (bench/SOAK.md)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool):
         self.weight, self.bias = weight, bias
@@ -52,7 +57,11 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            rows = x.shape[0]
+            bucket = -(-rows // ROW_BUCKET) * ROW_BUCKET
+            if bucket != rows:  # a bounded set of shapes: oneDNN keeps native state per input shape
+                x = F.pad(x, (0, 0, 0, bucket - rows))
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")[:rows]
         return F.linear(x, self.weight, self.bias)
 
 
