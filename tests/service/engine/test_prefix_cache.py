@@ -185,3 +185,28 @@ def test_cache_metrics_are_exported(tiny_checkpoint):
     assert values["agentprm_prefix_cache_hits_total"] >= 1
     assert values["agentprm_tokens_cached_total"] > 0
     assert 0 < values["agentprm_prefix_cache_bytes"] <= 256 * 1024 * 1024
+
+
+def test_a_chain_longer_than_the_cache_keeps_its_root_side():
+    block_bytes = 2 * 2 * (2 * 4 * 4) * 4 + 4 * 4
+    cache = PrefixCache(max_bytes=3 * block_bytes, block_size=4)
+    other = (90, 91, 92, 93)
+    cache.insert(other, _kv(2, 4, 5.0), np.full(4, np.nan, dtype=np.float32))
+    chain = tuple(range(20))  # 5 blocks into a cache of 3: the other block goes, the chain's first 3 stay
+    assert cache.insert(chain, _kv(2, 20, 1.0), np.full(20, np.nan, dtype=np.float32)) == 3
+    assert cache.bytes <= cache.max_bytes and len(cache) == 3
+    assert cache.lookup(chain).tokens == 12 and cache.lookup(other).tokens == 0
+    k, v = cache.lookup(chain).kv()[0]
+    assert k.shape == (1, 2, 12, 4) and float(k.mean()) == 1.0 and float(v.mean()) == -1.0
+
+
+def test_a_hit_read_after_its_slots_were_reused_raises_instead_of_serving_other_kv():
+    block_bytes = 2 * 2 * (2 * 4 * 4) * 4 + 4 * 4
+    cache = PrefixCache(max_bytes=1 * block_bytes, block_size=4)
+    nan = np.full(4, np.nan, dtype=np.float32)
+    cache.insert((1, 2, 3, 4), _kv(2, 4, 1.0), nan)
+    hit = cache.lookup((1, 2, 3, 4, 5))
+    cache.insert((7, 8, 9, 10), _kv(2, 4, 2.0), nan)  # evicts the hit's block and writes its slot
+    with pytest.raises(RuntimeError, match="reused"):
+        hit.kv()
+    assert float(cache.lookup((7, 8, 9, 10, 11)).kv()[0][0].mean()) == 2.0
