@@ -192,3 +192,19 @@ def test_oversized_body_without_content_length_is_413(client):
     r = client.post("/v1/score", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in r.request.headers
     assert_error(r, 413, "limit")
+
+
+def test_requests_are_served_without_the_worker_thread_pool(client):
+    """Every route runs on the event loop: no request hops to FastAPI's thread pool (a sync dependency or
+    handler would, and each of its up to 40 threads gets its own C-heap arena)."""
+    import threading
+
+    body = {"trajectories": [trajectory_json("go to the red ball", 2)]}
+    for _ in range(3):
+        assert client.post("/v1/score", json=body).status_code == 200
+        assert client.post("/v1/rerank", json={"task": "t", "candidates": [{"steps": body["trajectories"][0]["steps"]}]}
+                           ).status_code == 200
+        for path in ("/v1/models", "/health", "/ready", "/metrics"):
+            assert client.get(path).status_code == 200
+    pool = [t.name for t in threading.enumerate() if t.name.startswith("AnyIO worker thread")]
+    assert pool == []
