@@ -85,7 +85,7 @@ def cmd_serve(args) -> int:
     else:
         print(f"agentprm: {banner}", flush=True)
     app = create_app(engine, engine.metrics, api_config)
-    return serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s)
+    return serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s, settings.keep_alive_s)
 
 
 def _read_jsonl_trajectories(path: Path):

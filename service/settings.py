@@ -17,7 +17,7 @@ DEFAULT_MODEL = "agentprm-babyai-small"
 
 SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
                         "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
-                        "max_inflight_requests", "drain_timeout_s"})
+                        "max_inflight_requests", "drain_timeout_s", "keep_alive_s"})
 
 
 class ServerSettings(BaseSettings):
@@ -56,6 +56,8 @@ class ServerSettings(BaseSettings):
     max_request_timeout_s: float = Field(300.0, gt=0, description="Cap on a request's own timeout_s")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may take "
                                                            "to finish before the process exits")
+    keep_alive_s: float = Field(65.0, gt=0, description="How long an idle client connection stays open; longer "
+                                                       "than clients' and proxies' own idle timeouts, so they close first")
     max_consecutive_failures: int = Field(5, ge=0, description="Failed batches in a row after which the engine "
                                                                "is declared dead and the process exits (0: never)")
     api_key: Annotated[list[str], NoDecode] = Field(
