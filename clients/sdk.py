@@ -88,8 +88,12 @@ def _expand_body(beams, beam_width, model) -> dict:
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = "default"):
+                 model: str = "default", max_connections: int = 100):
         self.base_url = base_url.rstrip("/")
+        # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
+        # holds more than max_keepalive_connections in all (busy ones counted), so with its default of 20 a
+        # client running more concurrent calls than that reconnected for most of them.
+        self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.max_retries = max_retries
@@ -104,7 +108,7 @@ class PRMClient(_Base):
     def __init__(self, *args, transport: httpx.BaseTransport | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
-                                  transport=transport)
+                                  limits=self.limits, transport=transport)
 
     def __enter__(self):
         return self
@@ -159,7 +163,7 @@ class AsyncPRMClient(_Base):
     def __init__(self, *args, transport: httpx.AsyncBaseTransport | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
-                                       transport=transport)
+                                       limits=self.limits, transport=transport)
 
     async def __aenter__(self):
         return self

@@ -57,6 +57,24 @@ def test_async_client_matches_sync(live_server):
     assert ranked.results[0].score == pytest.approx(reference.score, abs=1e-6)
 
 
+def test_concurrent_calls_keep_their_connections_for_the_next_round(live_server):
+    """30 calls at once open 30 connections; the next 30 reuse all of them instead of reconnecting (httpx's
+    default keep-alive limit of 20 closed the rest as they went idle)."""
+    traj = trajectory_json("go to the red ball", 2)
+
+    async def go():
+        async with AsyncPRMClient(live_server) as client:
+            pool = client._http._transport._pool  # httpcore's connection pool
+            rounds = []
+            for _ in range(2):
+                await asyncio.gather(*(client.score([traj]) for _ in range(30)))
+                rounds.append({id(c) for c in pool.connections})
+            return rounds
+
+    first, second = asyncio.run(go())
+    assert len(first) == 30 and second == first
+
+
 def test_retries_honour_retry_after_then_succeed():
     calls = []
 
