@@ -2,7 +2,8 @@
 
     python -m bench.soak [--model NAME_OR_PATH] [--duration-s 600] [--factor 2] [--out bench/SOAK.md]
 
-1. Starts the server (127.0.0.1, a free port, production defaults unless --serve-arg adds flags).
+1. Starts the server (127.0.0.1, a free port, production defaults with the access log in JSON, unless
+   --serve-arg adds flags); its log goes to .cache/soak-server.log.
 2. Measures its capacity: `--concurrency` closed-loop clients for `--capacity-s` seconds of a mixed
    workload (score 60%, rerank 25%, beam-expand 15%; bodies drawn from a fixed seeded pool).
 3. Offers `--factor` x capacity, open loop (requests leave on schedule whatever the answers), for
@@ -10,9 +11,12 @@
 4. SIGTERMs the server and records its exit code (the drain).
 
 Reports: capacity, offered and served rates, answers by status code (and client-side errors), latency
-p50/p90/p99/max of the 200s, RSS after warm-up (the first sample past `--warmup-s`, default 10% of the
-run) and at the end, the growth between them (target < 5%), and the drain exit code. Writes a Markdown
-report to --out and prints one JSON line. Without --model it makes (once) a random checkpoint the size
+p50/p90/p99/max of the 200s as the client saw them and as the server's access log timed them (the two
+agree unless the load generator, on the same CPUs, is the bottleneck; its own event-loop lag is reported
+too), RSS after warm-up (the first sample past `--warmup-s`, default 10% of the
+run) and at the end, the growth between them (target < 5%), RSS minute by minute, the prefix cache's
+bytes at the end (read from /metrics: a full cache means the plateau is not the cache still filling), the
+machine and commit, and the drain exit code. Writes a Markdown report to --out and prints one JSON line. Without --model it makes (once) a random checkpoint the size
 of a small PRM in .cache/soak-model, so the run needs no download.
 """
 
@@ -20,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +41,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 OBJECTS = ("red ball", "blue key", "yellow door", "green box", "grey wall", "purple ball")
 ACTIONS = ("turn left", "turn right", "move forward", "pick up", "drop", "toggle")
+SERVER_LOG = REPO / ".cache" / "soak-server.log"
 MAX_OUTSTANDING = 4096  # open-loop requests in flight at once, beyond which the client counts a skip
 
 
@@ -85,9 +90,9 @@ def default_model() -> str:
 
 def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(REPO / ".cache" / "soak-server.log", "w")
+    log = open(SERVER_LOG, "w")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", *extra], cwd=REPO, stdout=log,
+                             "--port", str(port), "--log-level", "info", "--log-format", "json", *extra], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -135,9 +140,13 @@ async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> di
     codes: Counter = Counter()
     latencies: list[float] = []
     rss: list[tuple[float, int]] = []
+    lags: list[float] = []
     outstanding = 0
     skipped = 0
-    limits = httpx.Limits(max_connections=MAX_OUTSTANDING, max_keepalive_connections=256)
+    # Keep-alive limit = connection limit: httpcore 1.0 closes every idle connection whenever the pool holds more
+    # than max_keepalive_connections in all (busy ones counted), and closing them held new requests back in
+    # the client for up to 20 s before they were sent, which the latency figures then blamed on the server.
+    limits = httpx.Limits(max_connections=MAX_OUTSTANDING, max_keepalive_connections=MAX_OUTSTANDING)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         async def one(path: str, body: dict):
             nonlocal outstanding
@@ -158,8 +167,15 @@ async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> di
                 rss.append((time.monotonic() - t0, rss_bytes(pid)))
                 await asyncio.sleep(2.0)
 
+        async def sample_lag(until: float):  # how late this client's own event loop runs its callbacks
+            while time.monotonic() < until:
+                start = time.monotonic()
+                await asyncio.sleep(0.1)
+                lags.append(time.monotonic() - start - 0.1)
+
         t0 = time.monotonic()
         sampler = asyncio.create_task(sample_rss(t0 + seconds))
+        lag_sampler = asyncio.create_task(sample_lag(t0 + seconds))
         tasks = set()
         i = 0
         while True:
@@ -180,8 +196,61 @@ async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> di
             i += 1
         await asyncio.gather(*tasks)
         await sampler
-    return {"codes": codes, "latencies": latencies, "rss": rss, "sent": i - skipped, "skipped": skipped,
+        await lag_sampler
+    return {"codes": codes, "latencies": latencies, "rss": rss, "client_lag_s": lags, "sent": i - skipped, "skipped": skipped,
             "elapsed": time.monotonic() - t0}
+
+
+def server_latencies(log_path: Path, since: float) -> list[float]:
+    """Seconds the server spent on each 200 scoring answer after `since` (time.time()), from its JSON access log
+    (duration_ms: from the request's first byte in the middleware to its last response byte)."""
+    out = []
+    with open(log_path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if '"agentprm.access"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("status") == 200 and record.get("route", "").startswith("/v1/"):
+                when = datetime.datetime.fromisoformat(record["ts"]).timestamp()
+                if when >= since:
+                    out.append(record["duration_ms"] / 1000)
+    return out
+
+
+def latency_summary(values: list[float]) -> dict:
+    return {"n": len(values), "p50": round(percentile(values, 0.5), 4), "p90": round(percentile(values, 0.9), 4),
+            "p99": round(percentile(values, 0.99), 4), "max": round(max(values), 4) if values else None}
+
+
+def prefix_cache_mib(url: str) -> float | None:
+    """agentprm_prefix_cache_bytes from /metrics, in MiB (None if it cannot be read)."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("agentprm_prefix_cache_bytes "):
+            return round(float(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def by_minute(rss: list[tuple[float, int]]) -> list[int]:
+    """RSS (MiB) of the first sample of every minute after the first, then of the last sample."""
+    if not rss:
+        return []
+    marks = [next(b for t, b in rss if t >= 60 * m) for m in range(1, int(rss[-1][0] // 60) + 1)]
+    return [round(b / 2**20) for b in marks + [rss[-1][1]]]
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -191,7 +260,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summarize(args, model: str, capacity: float, rate: float, run: dict, exit_code: int | None) -> dict:
+def summarize(args, model: str, capacity: float, rate: float, run: dict, exit_code: int | None,
+              cache_mib: float | None = None) -> dict:
+    from bench.cli import machine_info
+
     rss = run["rss"]
     warmup = args.warmup_s if args.warmup_s is not None else 0.1 * args.duration_s
     after_warmup = next((b for t, b in rss if t >= warmup), rss[0][1] if rss else 0)
@@ -202,22 +274,27 @@ def summarize(args, model: str, capacity: float, rate: float, run: dict, exit_co
         "factor": args.factor, "offered_rps": round(rate, 2), "sent": run["sent"], "client_skipped": run["skipped"],
         "served_200_rps": round(run["codes"].get(200, 0) / run["elapsed"], 2),
         "codes": {str(k): v for k, v in sorted(run["codes"].items(), key=lambda kv: str(kv[0]))},
-        "latency_s": {"p50": round(percentile(lat, 0.5), 4), "p90": round(percentile(lat, 0.9), 4),
-                      "p99": round(percentile(lat, 0.99), 4), "max": round(max(lat), 4) if lat else None},
+        "latency_s": latency_summary(lat), "server_latency_s": latency_summary(run.get("server_latencies", [])),
+        "client_loop_lag_s": latency_summary(run["client_lag_s"]),
         "rss_mib": {"after_warmup": round(after_warmup / 2**20, 1), "end": round(end / 2**20, 1),
                     "max": round(max(b for _, b in rss) / 2**20, 1) if rss else None, "warmup_s": warmup},
         "rss_growth_pct": round(100.0 * (end - after_warmup) / after_warmup, 2) if after_warmup else None,
+        "rss_by_minute_mib": by_minute(rss),
+        "prefix_cache_mib_end": cache_mib,
         "drain_exit_code": exit_code, "serve_args": args.serve_arg, "cpus": os.cpu_count(),
+        "cpu": machine_info()["cpu"], "commit": commit(),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - run["elapsed"])),
     }
 
 
 def markdown(s: dict) -> str:
     codes = ", ".join(f"{k}: {v}" for k, v in s["codes"].items())
-    lat, rss = s["latency_s"], s["rss_mib"]
+    lat, server, rss = s["latency_s"], s["server_latency_s"], s["rss_mib"]
     return f"""# Soak run (bench/soak.py)
 
-`python -m bench.soak --duration-s {s['duration_s']:.0f} --factor {s['factor']}` on {s['cpus']} CPUs,
-model `{s['model']}`, server flags {s['serve_args'] or 'none (production defaults)'}.
+`python -m bench.soak --duration-s {s['duration_s']:.0f} --factor {s['factor']}` on {s['cpus']} CPUs ({s['cpu']}),
+started {s['started_utc']} at commit {s['commit']}; model `{s['model']}`, server flags
+{s['serve_args'] or 'none (production defaults; the access log in JSON)'}.
 
 | figure | value |
 |---|---|
@@ -226,9 +303,13 @@ model `{s['model']}`, server flags {s['serve_args'] or 'none (production default
 | served (200) | {s['served_200_rps']} requests/s |
 | answers by status | {codes} |
 | requests the client could not send (over {MAX_OUTSTANDING} outstanding) | {s['client_skipped']} |
-| latency of 200s p50 / p90 / p99 / max | {lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']} s |
+| latency of 200s at the client p50 / p90 / p99 / max | {lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']} s |
+| the same 200s in the server's access log p50 / p90 / p99 / max | {server['p50']} / {server['p90']} / {server['p99']} / {server['max']} s |
+| lag of the load generator's own event loop p50 / p99 / max (same 2 CPUs) | {s['client_loop_lag_s']['p50']} / {s['client_loop_lag_s']['p99']} / {s['client_loop_lag_s']['max']} s |
 | RSS after warm-up ({rss['warmup_s']:.0f} s) / end / max | {rss['after_warmup']} / {rss['end']} / {rss['max']} MiB |
 | RSS growth after warm-up (target < 5%) | {s['rss_growth_pct']}% |
+| RSS minute by minute (MiB; the last is the end) | {' / '.join(str(m) for m in s['rss_by_minute_mib'])} |
+| prefix cache at the end (from /metrics) | {s['prefix_cache_mib_end']} MiB |
 | exit code after SIGTERM (drain) | {s['drain_exit_code']} |
 """
 
@@ -254,14 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.factor * capacity
         print(f"capacity {capacity:.1f} requests/s; offering {rate:.1f} requests/s for {args.duration_s:.0f} s",
               flush=True)
+        started = time.time()
         run = asyncio.run(open_loop(url, pool, rate, args.duration_s, proc.pid))
+        cache_mib = prefix_cache_mib(url)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    summary = summarize(args, model, capacity, rate, run, exit_code)
+    run["server_latencies"] = server_latencies(SERVER_LOG, started)
+    summary = summarize(args, model, capacity, rate, run, exit_code, cache_mib)
     Path(args.out).write_text(markdown(summary))
     print(json.dumps(summary))
     return 0
