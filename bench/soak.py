@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -43,6 +44,7 @@ OBJECTS = ("red ball", "blue key", "yellow door", "green box", "grey wall", "pur
 ACTIONS = ("turn left", "turn right", "move forward", "pick up", "drop", "toggle")
 SERVER_LOG = REPO / ".cache" / "soak-server.log"
 MAX_OUTSTANDING = 4096  # open-loop requests in flight at once, beyond which the client counts a skip
+SHARD_CONNECTIONS = 32  # connections per client pool of the open loop (MAX_OUTSTANDING / this many pools)
 
 
 def trajectory(rng: random.Random, n_steps: int) -> dict:
@@ -143,16 +145,25 @@ async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> di
     lags: list[float] = []
     outstanding = 0
     skipped = 0
-    # Keep-alive limit = connection limit: httpcore 1.0 closes every idle connection whenever the pool holds more
-    # than max_keepalive_connections in all (busy ones counted), and closing them held new requests back in
-    # the client for up to 20 s before they were sent, which the latency figures then blamed on the server.
-    limits = httpx.Limits(max_connections=MAX_OUTSTANDING, max_keepalive_connections=MAX_OUTSTANDING)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def one(path: str, body: dict):
+    # The client side must not be what is measured. httpcore 1.0's pool costs O(queued x connections) per
+    # request, and closes every idle connection whenever it holds more than max_keepalive_connections in all
+    # (busy ones counted): one pool of 4096 connections stalled this client's own event loop for seconds
+    # once a few thousand were open, and one with 256 kept alive held requests back for up to 20 s while it
+    # closed connections. So: many small pools, each keeping all its connections alive, requests dealt out
+    # round robin, and bodies encoded once.
+    shards = MAX_OUTSTANDING // SHARD_CONNECTIONS
+    limits = httpx.Limits(max_connections=SHARD_CONNECTIONS, max_keepalive_connections=SHARD_CONNECTIONS)
+    encoded = [(path, json.dumps(body).encode()) for path, body in pool]
+    headers = {"content-type": "application/json"}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=120, limits=limits))
+                   for _ in range(shards)]
+
+        async def one(client: httpx.AsyncClient, path: str, body: bytes):
             nonlocal outstanding
             start = time.monotonic()
             try:
-                response = await client.post(path, json=body)
+                response = await client.post(path, content=body, headers=headers)
                 codes[response.status_code] += 1
                 if response.status_code == 200:
                     latencies.append(time.monotonic() - start)
@@ -189,8 +200,7 @@ async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> di
                 skipped += 1
             else:
                 outstanding += 1
-                path, body = pool[i % len(pool)]
-                task = asyncio.create_task(one(path, body))
+                task = asyncio.create_task(one(clients[i % shards], *encoded[i % len(encoded)]))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             i += 1
