@@ -38,7 +38,8 @@ class ServerSettings(BaseSettings):
     max_queue_delay_s: float = Field(10.0, ge=0, description="Queued work, in seconds at the measured throughput, "
                                                              "beyond which requests get 429 (0: no bound)")
     prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Bytes of KV the cross-request prefix "
-                                                                          "cache may hold (0: off)")
+                                                                          "cache may hold (0: off); one buffer of "
+                                                                          "this size, reused on eviction")
     prefix_block_size: int = Field(32, ge=1, le=4096, description="Tokens per prefix-cache block (a prefix is "
                                                                   "reused in whole blocks)")
     share_prefixes: bool = Field(True, description="Compute the prefix a request's candidates share once")
