@@ -98,9 +98,9 @@ def serve(app: FastAPI, host: str, port: int, log_level: str = "info", drain_tim
     """Serve until drained or the engine dies; returns the process exit code.
 
     `keep_alive_s` is how long an idle connection stays open. It is above the idle timeouts of clients (httpx
-    5 s) and proxies (nginx, cloud load balancers: 60 s) so that they close first: when the server closes a
-    connection at the moment a client reuses it (uvicorn's default is 5 s, the same as httpx's), the client's
-    request is lost to a reset, and a saturated event loop widens that window (bench/SOAK.md)."""
+    5 s) and proxies (nginx, cloud load balancers: 60 s) so that they close first: a server that closes a
+    connection just as a client reuses it (uvicorn's default is 5 s, the same as httpx's) fails that request
+    with a reset or an empty reply."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None,
                             timeout_graceful_shutdown=max(1.0, drain_timeout_s), timeout_keep_alive=keep_alive_s,
                             lifespan="on")

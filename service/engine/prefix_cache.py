@@ -84,11 +84,6 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
-    @property
-    def slots(self) -> int:
-        """Blocks the cache can hold (0 until the first insert fixes the block's shape)."""
-        return len(self._generations)
-
     def __len__(self) -> int:
         return len(self._blocks)
 
