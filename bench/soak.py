@@ -13,11 +13,11 @@
 Reports: capacity, offered and served rates, answers by status code (and client-side errors), latency
 p50/p90/p99/max of the 200s as the client saw them and as the server's access log timed them (the two
 agree unless the load generator, on the same CPUs, is the bottleneck; its own event-loop lag is reported
-too), RSS after warm-up (the first sample past `--warmup-s`, default 10% of the
-run) and at the end, the growth between them (target < 5%), RSS minute by minute, the prefix cache's
-bytes at the end (read from /metrics: a full cache means the plateau is not the cache still filling), the
-machine and commit, and the drain exit code. Writes a Markdown report to --out and prints one JSON line. Without --model it makes (once) a random checkpoint the size
-of a small PRM in .cache/soak-model, so the run needs no download.
+too), RSS after warm-up (the first sample past `--warmup-s`, default 10% of the run) and at the end, the
+growth between them (target < 5%), RSS minute by minute, the prefix cache's bytes at the end (read from
+/metrics: a full cache means the plateau is not the cache still filling), the machine and commit, and the
+drain exit code. Writes a Markdown report to --out and prints one JSON line. Without --model it makes
+(once) a random checkpoint the size of a small PRM in .cache/soak-model, so the run needs no download.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     log = open(SERVER_LOG, "w")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "info", "--log-format", "json", *extra], cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT)
+                             "--port", str(port), "--log-level", "info", "--log-format", "json", *extra],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -207,8 +207,8 @@ async def open_loop(url: str, pool, rate: float, seconds: float, pid: int) -> di
         await asyncio.gather(*tasks)
         await sampler
         await lag_sampler
-    return {"codes": codes, "latencies": latencies, "rss": rss, "client_lag_s": lags, "sent": i - skipped, "skipped": skipped,
-            "elapsed": time.monotonic() - t0}
+    return {"codes": codes, "latencies": latencies, "rss": rss, "client_lag_s": lags, "sent": i - skipped,
+            "skipped": skipped, "elapsed": time.monotonic() - t0}
 
 
 def server_latencies(log_path: Path, since: float) -> list[float]:
@@ -315,7 +315,7 @@ started {s['started_utc']} at commit {s['commit']}; model `{s['model']}`, server
 | requests the client could not send (over {MAX_OUTSTANDING} outstanding) | {s['client_skipped']} |
 | latency of 200s at the client p50 / p90 / p99 / max | {lat['p50']} / {lat['p90']} / {lat['p99']} / {lat['max']} s |
 | the same 200s in the server's access log p50 / p90 / p99 / max | {server['p50']} / {server['p90']} / {server['p99']} / {server['max']} s |
-| lag of the load generator's own event loop p50 / p99 / max (same 2 CPUs) | {s['client_loop_lag_s']['p50']} / {s['client_loop_lag_s']['p99']} / {s['client_loop_lag_s']['max']} s |
+| lag of the load generator's own event loop p50 / p99 / max (same {s['cpus']} CPUs) | {s['client_loop_lag_s']['p50']} / {s['client_loop_lag_s']['p99']} / {s['client_loop_lag_s']['max']} s |
 | RSS after warm-up ({rss['warmup_s']:.0f} s) / end / max | {rss['after_warmup']} / {rss['end']} / {rss['max']} MiB |
 | RSS growth after warm-up (target < 5%) | {s['rss_growth_pct']}% |
 | RSS minute by minute (MiB; the last is the end) | {' / '.join(str(m) for m in s['rss_by_minute_mib'])} |

@@ -58,7 +58,8 @@ class ServerSettings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may take "
                                                            "to finish before the process exits")
     keep_alive_s: float = Field(65.0, gt=0, description="How long an idle client connection stays open; longer "
-                                                       "than clients' and proxies' own idle timeouts, so they close first")
+                                                       "than clients' and proxies' own idle timeouts, so they "
+                                                       "close first")
     max_consecutive_failures: int = Field(5, ge=0, description="Failed batches in a row after which the engine "
                                                                "is declared dead and the process exits (0: never)")
     api_key: Annotated[list[str], NoDecode] = Field(
