@@ -5,6 +5,10 @@ died mid-request) and 503 (not ready, draining) are retried with exponential bac
 honouring Retry-After (seconds or an HTTP date, capped by `backoff_cap_s`), up to `max_retries` times;
 every other error is raised at once as `PRMError(message, code, type)`. 504 is not retried: it is the
 request's own deadline. Scoring is idempotent, so a retried request can never double-count anything.
+
+Proxies: for a loopback base URL (127.0.0.0/8, ::1, localhost) the client ignores HTTP(S)_PROXY and the other
+environment settings (`trust_env=False`), so a cluster-wide proxy variable cannot capture calls to a
+co-located server; for other URLs httpx's default (honour them) stands. `trust_env=` overrides both.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import datetime
 import email.utils
+import ipaddress
 import random
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
+from pydantic import BaseModel
 
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelList, RerankRequest, RerankResponse,
                                   ScoreRequest, ScoreResponse)
@@ -65,31 +71,59 @@ def _backoff(attempt: int, response: httpx.Response | None, base: float, cap: fl
     return min(cap, base * 2**attempt) * (0.5 + random.random() / 2)
 
 
+def is_loopback(url: str) -> bool:
+    """Whether the URL's host is this machine (a loopback address or `localhost`)."""
+    host = httpx.URL(url).host
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class RewardResponse(BaseModel):
+    """The answer of /v1/reward (OpenRLHF's remote reward-model format)."""
+
+    rewards: list[float]
+    scores: list[float]
+    extra_logs: dict[str, list]
+
+
+def _reward_params(step_format, delimiter, aggregate, model) -> dict:
+    params = {"step_format": step_format, "delimiter": delimiter, "aggregate": aggregate, "model": model}
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _as_dicts(items: Iterable[Any]) -> list:
     return [i.model_dump() if hasattr(i, "model_dump") else i for i in items]
 
 
 def _score_body(trajectories, aggregate, model) -> dict:
     return ScoreRequest.model_validate({"model": model, "trajectories": _as_dicts(trajectories),
-                                        "aggregate": aggregate}).model_dump()
+                                        "aggregate": aggregate}).model_dump(exclude_none=True)
 
 
-def _rerank_body(task, candidates, aggregate, top_n, model) -> dict:
-    cands = [{"steps": _as_dicts(c)} if isinstance(c, (list, tuple)) else c for c in _as_dicts(candidates)]
-    return RerankRequest.model_validate({"model": model, "task": task, "candidates": cands,
-                                         "aggregate": aggregate, "top_n": top_n}).model_dump(exclude_none=True)
+def _rerank_body(task, candidates, aggregate, top_n, model, messages=None) -> dict:
+    """Candidates given as lists are steps (with `task`) or messages (with `messages`, the shared conversation)."""
+    form = "steps" if messages is None else "messages"
+    cands = [{form: _as_dicts(c)} if isinstance(c, (list, tuple)) else c for c in _as_dicts(candidates)]
+    return RerankRequest.model_validate({"model": model, "task": task, "candidates": cands, "aggregate": aggregate,
+                                         "top_n": top_n, "messages": None if messages is None else
+                                         _as_dicts(messages)}).model_dump(exclude_none=True)
 
 
 def _expand_body(beams, beam_width, model) -> dict:
     return BeamExpandRequest.model_validate({"model": model, "beam_width": beam_width,
-                                             "beams": _as_dicts(beams)}).model_dump()
+                                             "beams": _as_dicts(beams)}).model_dump(exclude_none=True)
 
 
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = "default", max_connections: int = 100):
+                 model: str = "default", max_connections: int = 100, trust_env: bool | None = None):
         self.base_url = base_url.rstrip("/")
+        self.trust_env = (not is_loopback(self.base_url)) if trust_env is None else trust_env
         # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
         # holds more than max_keepalive_connections in all (busy ones counted), so with its default of 20 a
         # client running more concurrent calls than that reconnected for most of them.
@@ -108,7 +142,7 @@ class PRMClient(_Base):
     def __init__(self, *args, transport: httpx.BaseTransport | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
-                                  limits=self.limits, transport=transport)
+                                  limits=self.limits, transport=transport, trust_env=self.trust_env)
 
     def __enter__(self):
         return self
@@ -119,11 +153,12 @@ class PRMClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
+    def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None
+                 ) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = self._http.request(method, path, json=json)
+                response = self._http.request(method, path, json=json, params=params)
                 if response.status_code < 400:
                     return response
                 if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
@@ -138,14 +173,23 @@ class PRMClient(_Base):
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
 
-    def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
-               model: str | None = None) -> RerankResponse:
-        body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
+    def rerank(self, task: str | None, candidates, aggregate: str = "last", top_n: int | None = None,
+               model: str | None = None, messages: list | None = None) -> RerankResponse:
+        """Best-of-N: `task` and candidates as step lists, or (task=None) `messages` and candidates as message lists."""
+        body = _rerank_body(task, candidates, aggregate, top_n, model or self.model, messages)
         return RerankResponse.model_validate(self._request("POST", "/v1/rerank", body).json())
 
     def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
         body = _expand_body(beams, beam_width, model or self.model)
         return BeamExpandResponse.model_validate(self._request("POST", "/v1/beam-expand", body).json())
+
+    def reward(self, query: list[str], prompts: list[str] | None = None, labels: list | None = None,
+               step_format: str | None = None, delimiter: str | None = None, aggregate: str | None = None,
+               model: str | None = None) -> RewardResponse:
+        """One reward per text (POST /v1/reward, OpenRLHF's format); None settings take the server's defaults."""
+        body = {"query": list(query), "prompts": None if prompts is None else list(prompts), "labels": labels}
+        params = _reward_params(step_format, delimiter, aggregate, model or self.model)
+        return RewardResponse.model_validate(self._request("POST", "/v1/reward", body, params).json())
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._request("GET", "/v1/models").json())
@@ -163,7 +207,7 @@ class AsyncPRMClient(_Base):
     def __init__(self, *args, transport: httpx.AsyncBaseTransport | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
-                                       limits=self.limits, transport=transport)
+                                       limits=self.limits, transport=transport, trust_env=self.trust_env)
 
     async def __aenter__(self):
         return self
@@ -174,11 +218,12 @@ class AsyncPRMClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
+    async def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None
+                       ) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = await self._http.request(method, path, json=json)
+                response = await self._http.request(method, path, json=json, params=params)
                 if response.status_code < 400:
                     return response
                 if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
@@ -193,14 +238,23 @@ class AsyncPRMClient(_Base):
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
 
-    async def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
-                     model: str | None = None) -> RerankResponse:
-        body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
+    async def rerank(self, task: str | None, candidates, aggregate: str = "last", top_n: int | None = None,
+                     model: str | None = None, messages: list | None = None) -> RerankResponse:
+        """Best-of-N: `task` and candidates as step lists, or (task=None) `messages` and candidates as message lists."""
+        body = _rerank_body(task, candidates, aggregate, top_n, model or self.model, messages)
         return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())
 
     async def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
         body = _expand_body(beams, beam_width, model or self.model)
         return BeamExpandResponse.model_validate((await self._request("POST", "/v1/beam-expand", body)).json())
+
+    async def reward(self, query: list[str], prompts: list[str] | None = None, labels: list | None = None,
+                     step_format: str | None = None, delimiter: str | None = None, aggregate: str | None = None,
+                     model: str | None = None) -> RewardResponse:
+        """One reward per text (POST /v1/reward, OpenRLHF's format); None settings take the server's defaults."""
+        body = {"query": list(query), "prompts": None if prompts is None else list(prompts), "labels": labels}
+        params = _reward_params(step_format, delimiter, aggregate, model or self.model)
+        return RewardResponse.model_validate((await self._request("POST", "/v1/reward", body, params)).json())
 
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._request("GET", "/v1/models")).json())

@@ -9,16 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from clients.sdk import PRMClient
 
 
-def best_of_n(prm: PRMClient, task: str, candidates: Sequence[Sequence[dict]], aggregate: str = "last") -> int:
-    """Index of the candidate trajectory (a list of {observation, action} steps) the PRM ranks best."""
+class BestOfN(NamedTuple):
+    index: int  # the candidate the PRM ranks best
+    scores: list[float]  # every candidate's score, in the candidates' order (empty when one needed no call)
+
+
+def best_of_n(prm: PRMClient, task: str | None, candidates: Sequence[Sequence[dict]], aggregate: str = "last",
+              messages: Sequence[dict] | None = None) -> BestOfN:
+    """The candidate the PRM ranks best, and every candidate's score.
+
+    Candidates are lists of {observation, action} steps of `task`, or (task=None) lists of chat messages that
+    continue `messages` (the conversation so far, shared by every candidate).
+    """
     if len(candidates) == 1:
-        return 0
-    ranked = prm.rerank(task, [list(c) for c in candidates], aggregate=aggregate, top_n=1)
-    return ranked.results[0].index
+        return BestOfN(0, [])
+    ranked = prm.rerank(task, [list(c) for c in candidates], aggregate=aggregate,
+                        messages=None if messages is None else list(messages))
+    scores = [0.0] * len(candidates)
+    for result in ranked.results:
+        scores[result.index] = result.score
+    return BestOfN(ranked.results[0].index, scores)
 
 
 @dataclass

@@ -212,7 +212,7 @@ def bon_picks(prm, task: str, candidates: list[list[dict]], ns: tuple[int, ...],
     from clients.search import best_of_n
 
     if per_n:
-        return {n: best_of_n(prm, task, candidates[:n]) for n in ns}
+        return {n: best_of_n(prm, task, candidates[:n]).index for n in ns}
     ranked = prm.rerank(task, candidates, aggregate="last").results
     position = {r.index: p for p, r in enumerate(ranked)}
     return {n: min(range(min(n, len(candidates))), key=position.__getitem__) for n in ns}

@@ -17,7 +17,8 @@ DEFAULT_MODEL = "agentprm-babyai-small"
 
 SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
                         "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
-                        "max_inflight_requests", "drain_timeout_s", "keep_alive_s"})
+                        "max_inflight_requests", "drain_timeout_s", "keep_alive_s", "reward_step_format",
+                        "reward_step_delimiter", "reward_aggregate"})
 
 
 class ServerSettings(BaseSettings):
@@ -71,6 +72,14 @@ class ServerSettings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text, or json (one JSON object per line)")
     access_log: bool = Field(True, description="Log one line per request (id, route, status, latency, tokens) "
                                                "at info level; never the body")
+
+    reward_step_format: Literal["markers", "delimiter", "chatml", "llama3"] = Field(
+        "markers", description="/v1/reward: how a query text splits into steps (our template markers, a "
+                               "delimiter, or a chat template's turns); a request's ?step_format= overrides it")
+    reward_step_delimiter: str = Field("\n\n", min_length=1, description="/v1/reward: the step delimiter of "
+                                                                          "step_format=delimiter")
+    reward_aggregate: Literal["last", "min", "sum_progress"] = Field(
+        "last", description="/v1/reward: steps -> one reward (last promise, min promise, or sum of progress)")
 
     @field_validator("api_key", mode="before")
     @classmethod

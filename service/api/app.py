@@ -17,6 +17,7 @@ from prometheus_client import Gauge
 from service.api.admission import ServerState
 from service.api.errors import install_error_handlers
 from service.api.middleware import ServiceMiddleware
+from service.api.reward import router as reward_router
 from service.api.routes import models, ops, scoring
 from service.engine.client import EngineClient
 from service.metrics import Metrics
@@ -33,6 +34,10 @@ class ApiConfig:
     max_request_timeout_s: float = 300.0
     max_inflight_requests: int = 1024
     access_log: bool = True
+    # /v1/reward (OpenRLHF and the clients.rewards functions): how a text becomes steps, steps one reward.
+    reward_step_format: str = "markers"
+    reward_step_delimiter: str = "\n\n"
+    reward_aggregate: str = "last"
 
     @property
     def public_paths(self) -> frozenset[str]:
@@ -43,7 +48,9 @@ class ApiConfig:
         return cls(max_body_bytes=settings.max_body_bytes, api_keys=settings.api_keys(),
                    metrics_auth=settings.metrics_auth, request_timeout_s=settings.request_timeout_s,
                    max_request_timeout_s=settings.max_request_timeout_s,
-                   max_inflight_requests=settings.max_inflight_requests, access_log=settings.access_log)
+                   max_inflight_requests=settings.max_inflight_requests, access_log=settings.access_log,
+                   reward_step_format=settings.reward_step_format,
+                   reward_step_delimiter=settings.reward_step_delimiter, reward_aggregate=settings.reward_aggregate)
 
 
 def create_app(engine: EngineClient, metrics: Metrics | None = None, config: ApiConfig = ApiConfig()) -> FastAPI:
@@ -69,7 +76,7 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
     app.state.server.saturated = getattr(engine, "saturated", None)  # EngineClient default: never saturated
     _export_inflight(metrics, app.state.server)
     install_error_handlers(app)
-    for router in (scoring, models, ops):
+    for router in (scoring, reward_router, models, ops):
         app.include_router(router)
     if config.api_keys:
         _document_auth(app, config.public_paths)

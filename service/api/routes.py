@@ -12,7 +12,8 @@ from service.api.admission import guarded
 from service.api.deps import EngineDep
 from service.api.errors import error_response
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ErrorResponse, ModelCard, ModelList,
-                                  RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, Status)
+                                  RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, Status,
+                                  attach_message_indices)
 from service.metrics import CONTENT_TYPE_LATEST
 
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 500, 503, 504)}
@@ -24,34 +25,45 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "")
 
 
-@scoring.post("/score", response_model=ScoreResponse)
+# exclude_none: `message_index` appears only for messages input, so trajectory-form answers keep their shape.
+@scoring.post("/score", response_model=ScoreResponse, response_model_exclude_none=True)
 async def score(body: ScoreRequest, engine: EngineDep, request: Request) -> ScoreResponse:
     """Score whole trajectories: a promise and a progress for every step, from one forward pass each."""
     out = await guarded(request, lambda: engine.score(body.model, [t.to_engine() for t in body.trajectories],
                                                       body.aggregate, request_id=_request_id(request)),
                         body.timeout_s)
     request.state.usage = out.usage
-    return ScoreResponse.from_engine(out)
+    response = ScoreResponse.from_engine(out)
+    for result, item in zip(response.results, body.trajectories):
+        attach_message_indices(result.steps, item.message_indices)
+    return response
 
 
-@scoring.post("/rerank", response_model=RerankResponse)
+@scoring.post("/rerank", response_model=RerankResponse, response_model_exclude_none=True)
 async def rerank(body: RerankRequest, engine: EngineDep, request: Request) -> RerankResponse:
     """Best-of-N: score candidate trajectories of one task and return them sorted best first."""
-    out = await guarded(request, lambda: engine.rerank(body.model, body.task, body.to_engine(), body.aggregate,
+    out = await guarded(request, lambda: engine.rerank(body.model, body.engine_task, body.to_engine(), body.aggregate,
                                                        body.top_n, request_id=_request_id(request)),
                         body.timeout_s)
     request.state.usage = out.usage
-    return RerankResponse.from_engine(out)
+    response = RerankResponse.from_engine(out)
+    for result in response.results:
+        attach_message_indices(result.steps, body.message_indices(result.index))
+    return response
 
 
-@scoring.post("/beam-expand", response_model=BeamExpandResponse)
+@scoring.post("/beam-expand", response_model=BeamExpandResponse, response_model_exclude_none=True)
 async def beam_expand(body: BeamExpandRequest, engine: EngineDep, request: Request) -> BeamExpandResponse:
     """One step of step-level beam search: score every candidate action of every beam, keep the top beam_width."""
     out = await guarded(request, lambda: engine.expand(body.model, [b.to_engine() for b in body.beams],
                                                        body.beam_width, request_id=_request_id(request)),
                         body.timeout_s)
     request.state.usage = out.usage
-    return BeamExpandResponse.from_engine(out)
+    response = BeamExpandResponse.from_engine(out)
+    for candidates, beam in zip(response.candidates, body.beams):
+        attach_message_indices(candidates, None if beam.candidate_message_index is None
+                               else [beam.candidate_message_index] * len(candidates))
+    return response
 
 
 models = APIRouter(prefix="/v1", tags=["models"], responses={401: {"model": ErrorResponse}})

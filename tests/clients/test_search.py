@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from clients import PRMClient
 from clients.search import beam_search, best_of_n
 
@@ -64,5 +66,9 @@ def test_best_of_n_picks_the_rerank_winner(live_server):
     with PRMClient(live_server) as prm:
         choice = best_of_n(prm, "walk", candidates)
         ranked = prm.rerank("walk", candidates)
-    assert choice == ranked.results[0].index
-    assert best_of_n(None, "walk", candidates[:1]) == 0  # one candidate needs no PRM call
+        scored = prm.score([{"task": "walk", "steps": c} for c in candidates])
+    assert choice.index == ranked.results[0].index
+    # Scores come back in the candidates' order, equal to scoring each candidate alone.
+    assert choice.scores == pytest.approx([r.score for r in scored.results], abs=1e-6)
+    assert choice.scores[choice.index] == max(choice.scores)
+    assert best_of_n(None, "walk", candidates[:1]) == (0, [])  # one candidate needs no PRM call
