@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from clients import AsyncPRMClient, PRMClient, PRMError
+from clients.sdk import is_loopback
 from service.api.protocol import StepIn, TrajectoryIn
 from tests.conftest import free_port, trajectory_json
 
@@ -100,3 +101,35 @@ def test_connection_refused_is_raised_after_retries():
         assert not client.ready()
         with pytest.raises(httpx.ConnectError):
             client.models()
+
+
+def test_loopback_urls_ignore_proxy_variables(live_server, monkeypatch):
+    """A cluster-wide HTTP_PROXY must not capture calls to a co-located server; trust_env=True restores it."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    with PRMClient(live_server) as client:
+        assert client.trust_env is False and client.ready()
+        assert client.models().data[0].id == "tiny-prm:1"
+    with PRMClient(live_server, trust_env=True, max_retries=0) as client:
+        assert not client.ready()  # through the dead proxy
+    assert is_loopback("http://localhost:8000") and is_loopback("http://[::1]:8000")
+    assert is_loopback("http://127.0.0.2:8000") and not is_loopback("http://10.0.0.1:8000")
+    with PRMClient("http://prm.internal:8000") as remote:
+        assert remote.trust_env is True  # httpx's default for everything else
+
+
+def test_reward_method_sync_and_async(live_server):
+    text = "<|task|>t<|obs|>o<|act|>a<|end|>"
+    with PRMClient(live_server) as client:
+        sync = client.reward([text, text], ["", ""], aggregate="sum_progress")
+        scored = client.score([{"task": "t", "steps": [{"observation": "o", "action": "a"}]}])
+
+    async def go():
+        async with AsyncPRMClient(live_server) as client:
+            return await client.reward([text])
+
+    assert sync.rewards[0] == pytest.approx(scored.results[0].steps[0].progress, abs=1e-6)
+    assert asyncio.run(go()).rewards[0] == pytest.approx(scored.results[0].score, abs=1e-6)
