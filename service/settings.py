@@ -76,8 +76,9 @@ class ServerSettings(BaseSettings):
     reward_step_format: Literal["markers", "delimiter", "chatml", "llama3"] = Field(
         "markers", description="/v1/reward: how a query text splits into steps (our template markers, a "
                                "delimiter, or a chat template's turns); a request's ?step_format= overrides it")
-    reward_step_delimiter: str = Field("\n\n", min_length=1, description="/v1/reward: the step delimiter of "
-                                                                          "step_format=delimiter")
+    reward_step_delimiter: str = Field("\\n\\n", min_length=1, description="/v1/reward: the step delimiter of "
+                                                                            "step_format=delimiter (\\n, \\t, "
+                                                                            "\\\\ read as newline, tab, backslash)")
     reward_aggregate: Literal["last", "min", "sum_progress"] = Field(
         "last", description="/v1/reward: steps -> one reward (last promise, min promise, or sum of progress)")
 

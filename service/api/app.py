@@ -36,7 +36,7 @@ class ApiConfig:
     access_log: bool = True
     # /v1/reward (OpenRLHF and the clients.rewards functions): how a text becomes steps, steps one reward.
     reward_step_format: str = "markers"
-    reward_step_delimiter: str = "\n\n"
+    reward_step_delimiter: str = "\\n\\n"  # escapes, decoded per request (service.api.text_steps)
     reward_aggregate: str = "last"
 
     @property

@@ -46,8 +46,9 @@ async def reward(body: RewardRequest, engine: EngineDep, request: Request,
                  step_format: Annotated[text_steps.StepFormat | None, Query(
                      description="How a query splits into steps (default: --reward-step-format)")] = None,
                  delimiter: Annotated[str | None, Query(
-                     min_length=1, description="Step delimiter for step_format=delimiter "
-                                               "(default: --reward-step-delimiter)")] = None,
+                     min_length=1, description="Step delimiter for step_format=delimiter; \\n, \\t and \\\\ "
+                                               "read as newline, tab, backslash (default: --reward-step-delimiter)")
+                 ] = None,
                  aggregate: Annotated[text_steps.RewardAggregate | None, Query(
                      description="How steps become one reward (default: --reward-aggregate)")] = None,
                  model: Annotated[str, Query(description="Model name or alias")] = "default",
@@ -56,7 +57,7 @@ async def reward(body: RewardRequest, engine: EngineDep, request: Request,
     """OpenRLHF remote reward: one scalar reward per query, from the PRM's per-step promises."""
     config = request.app.state.config
     step_format = step_format or config.reward_step_format
-    delimiter = delimiter or config.reward_step_delimiter
+    delimiter = text_steps.decode_escapes(delimiter or config.reward_step_delimiter)
     aggregate = aggregate or config.reward_aggregate
     if body.prompts is not None and len(body.prompts) != len(body.query):
         raise InvalidInput(f"prompts has {len(body.prompts)} items, query has {len(body.query)}: give one prompt "

@@ -36,6 +36,14 @@ _LLAMA3 = re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n*(.*?)(?:<
                      r"(?=<\|start_header_id\|>)|\Z)", re.S)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+
+
+def decode_escapes(text: str) -> str:
+    """`\\n`, `\\t` and `\\\\` as newline, tab and backslash: a delimiter typed in a flag, variable or URL."""
+    return re.sub(r"\\([nt\\])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 class TextStepsError(ValueError):
     """Text that the chosen step format cannot read."""
 

@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import ApiConfig, create_app
-from service.api.text_steps import TextStepsError, aggregate_reward, parse_chat, parse_delimited, parse_markers
+from service.api.text_steps import (TextStepsError, aggregate_reward, decode_escapes, parse_chat, parse_delimited,
+                                    parse_markers)
 from service.engine.engine import EngineConfig, PRMEngine
 from tests.conftest import REPO
 
@@ -48,6 +49,15 @@ def test_delimited_text_splits_the_response_and_keeps_the_prompt_as_task():
     assert parsed.task == "Q?" and parsed.steps == (("", "step one"), ("", "step two"))
     with pytest.raises(TextStepsError, match="not the start of the query"):
         parse_delimited("other text", "Q?", "\n\n")
+    assert decode_escapes(r"\n\n") == "\n\n" and decode_escapes(r"a\\n|\t") == "a\\n|\t"
+
+
+def test_the_default_delimiter_is_a_blank_line_and_a_url_may_spell_it_escaped(client):
+    body = {"query": ["Q?\n\nfirst\n\nsecond"], "prompts": ["Q?"]}
+    default = client.post("/v1/reward?step_format=delimiter", json=body).json()
+    escaped = client.post("/v1/reward", params={"step_format": "delimiter", "delimiter": r"\n\n"}, json=body).json()
+    assert default["extra_logs"]["prm_num_steps"] == escaped["extra_logs"]["prm_num_steps"] == [2]
+    assert default["rewards"] == escaped["rewards"]
 
 
 def test_chat_transcripts_parse_like_the_equivalent_messages():
