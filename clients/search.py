@@ -28,8 +28,9 @@ def best_of_n(prm: PRMClient, task: str | None, candidates: Sequence[Sequence[di
     """
     if len(candidates) == 1:
         return BestOfN(0, [])
-    ranked = prm.rerank(task, [list(c) for c in candidates], aggregate=aggregate,
-                        messages=None if messages is None else list(messages))
+    # `messages` only when given: duck-typed choosers (envs.verifiers) take the step form alone.
+    extra = {} if messages is None else {"messages": list(messages)}
+    ranked = prm.rerank(task, [list(c) for c in candidates], aggregate=aggregate, **extra)
     scores = [0.0] * len(candidates)
     for result in ranked.results:
         scores[result.index] = result.score
