@@ -81,8 +81,8 @@ def canonical_tool_call(call: Mapping) -> str:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            pass  # not JSON: kept verbatim, as a JSON string
+        except (ValueError, RecursionError):
+            pass  # not JSON (or nested beyond the parser): kept verbatim, as a JSON string
     return json.dumps({"name": name, "arguments": arguments if arguments is not None else {}},
                       sort_keys=True, ensure_ascii=False, separators=(", ", ": "))
 
