@@ -106,9 +106,9 @@ class Server:
 class TrainConfig:
     """The `agentprm train` settings shared by every method (so the comparison is fair)."""
 
-    layers: int = 4
-    hidden: int = 128
-    epochs: int = 6
+    layers: int = 2
+    hidden: int = 64
+    epochs: int = 8
     lr: float | None = None  # None: the trainer's default
     batch_size: int = 32
     max_seq_len: int = 2048
