@@ -463,7 +463,7 @@ def synthetic_ids(checkpoint_dir: Path | str, n: int, tokens: int, seed: int = 0
     from tokenizers import Tokenizer
 
     from model_store.store import read_manifest
-    from service.engine.render import Renderer
+    from model_store.render import Renderer
     from service.engine.types import Step, Trajectory
 
     checkpoint_dir = Path(checkpoint_dir)

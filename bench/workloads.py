@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.render import Renderer
+from model_store.render import Renderer
 from service.engine.types import Step, Trajectory
 
 COLORS = ("red", "green", "blue", "purple", "yellow", "grey")

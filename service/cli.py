@@ -159,7 +159,7 @@ def cmd_model_init_random(args) -> int:
 
 
 def cmd_model_verify(args) -> int:
-    from service.engine.prm import load_prm
+    from model_store.modeling import load_prm
 
     from model_store.store import resolve_checkpoint
 

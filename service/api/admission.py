@@ -1,4 +1,5 @@
-"""Admission control around every engine call: drain, in-flight bound, deadline, client disconnect.
+"""The HTTP side of admission around every engine call: drain, in-flight bound, deadline, client disconnect.
+Whether a request may in, and with which code and Retry-After, is decided by service.engine.admission.
 
 `ServerState` is the process-wide serving state the HTTP layer and the server runner share: whether the
 server is draining (SIGTERM), how many scoring requests are in progress, and why the engine died (if it
@@ -25,14 +26,14 @@ from typing import Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
-from service.engine.errors import DeadlineExceeded, NotReady, Overloaded
+from service.engine.admission import Draining, server_refusal
+from service.engine.errors import DeadlineExceeded, EngineError
 
 log = logging.getLogger("agentprm.api")
 T = TypeVar("T")
 
 
-class Draining(NotReady):
-    type = "draining"
+__all__ = ["ClientClosed", "Draining", "ServerState", "guarded"]
 
 
 class ClientClosed(Exception):
@@ -52,19 +53,12 @@ class ServerState:
     # Optional engine probe: seconds to Retry-After when a new request would surely be refused now, else None.
     saturated: Callable[[], float | None] | None = None
 
-    def refusal(self) -> Exception | None:
+    def refusal(self) -> EngineError | None:
         """Why a new scoring request must be refused right now (cheap; no body read yet), or None."""
-        if self.draining:
+        refused = server_refusal(self.draining, self.fatal, self.inflight, self.max_inflight, self.saturated)
+        if isinstance(refused, Draining):
             self.counts["drain_refused"] += 1
-            return Draining("the server is draining (shutting down); retry on another replica")
-        if self.fatal:
-            return NotReady(f"the engine failed ({self.fatal}); the server is restarting")
-        if self.inflight >= self.max_inflight:
-            return Overloaded(f"too many requests in progress ({self.inflight}); retry later", retry_after_s=1.0)
-        retry_after = self.saturated() if self.saturated is not None else None
-        if retry_after is not None:
-            return Overloaded("queue full; retry later", retry_after_s=retry_after)
-        return None
+        return refused
 
     def begin_drain(self) -> None:
         """Stop taking scoring work. Safe to call from a signal handler (plain attribute writes)."""

@@ -16,7 +16,7 @@ from prometheus_client import Gauge
 
 from service.api.admission import ServerState
 from service.api.errors import install_error_handlers
-from service.api.middleware import ServiceMiddleware
+from service.api.middleware import install_middleware
 from service.api.routes import models, ops, scoring
 from service.engine.client import EngineClient
 from service.metrics import Metrics
@@ -73,9 +73,8 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
         app.include_router(router)
     if config.api_keys:
         _document_auth(app, config.public_paths)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       api_keys=config.api_keys, public_paths=config.public_paths, log_access=config.access_log,
-                       state=app.state.server)
+    install_middleware(app, metrics=metrics, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
+                       public_paths=config.public_paths, log_access=config.access_log, state=app.state.server)
     return app
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from service.api.admission import guarded
+from service.engine.admission import Draining, retry_after_header
 from service.api.deps import EngineDep
 from service.api.errors import error_response
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ErrorResponse, ModelCard, ModelList,
@@ -82,7 +83,8 @@ async def ready(engine: EngineDep, request: Request):
     """Readiness: the model is loaded, the engine accepts work, and the server is not draining."""
     server = request.app.state.server
     if server.draining:
-        return error_response(503, "draining", "the server is draining (shutting down)", {"Retry-After": "1"})
+        draining = Draining("the server is draining (shutting down)")
+        return error_response(draining.code, draining.type, draining.message, retry_after_header(draining))
     state = await engine.check_health()
     if not state.ready or server.fatal:
         return error_response(503, "not_ready", server.fatal or state.detail or "not ready")

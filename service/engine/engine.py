@@ -11,20 +11,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
+from model_store.render import Renderer
 from service.engine import postprocess
 from service.engine.client import EngineClient
 from service.engine.cuda_graphs import GraphRunner, default_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
-from service.engine.prm import LoadedPRM, load_prm
-from service.engine.render import Renderer
-from service.engine.runner import JobResult, ScoreJob, TorchRunner, default_dtype, pick_device
+from service.engine.runner import TorchRunner
 from service.engine.scheduler import Scheduler, SchedulerConfig
-from service.engine.types import (AGGREGATES, Beam, ExpandOutput, Health, ModelInfo, RankedCandidate, RerankOutput,
-                                  ScoreOutput, Selection, Step, Trajectory, TrajectoryScore, Usage)
+from service.engine.types import (AGGREGATES, BatchResults, Beam, ExpandOutput, Health, JobResult, ModelInfo,
+                                  RankedCandidate, RerankOutput, ScoreJob, ScoreOutput, Selection, Step, Trajectory,
+                                  TrajectoryScore, Usage)
 from service.metrics import Metrics
 
 log = logging.getLogger("agentprm.engine")
@@ -93,7 +93,6 @@ class PRMEngine(EngineClient):
         self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
         self.metrics.cache_bytes.set_function(lambda: self.cache.bytes)
         self.metrics.cache_blocks.set_function(lambda: len(self.cache))
-        self._cache_seen = (0, 0, 0)
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
                               aliases=("default",), method=m.training.method, created_at=m.created_at)
@@ -135,19 +134,17 @@ class PRMEngine(EngineClient):
         if len(ids) > limit:
             raise InvalidInput(f"{what} is {len(ids)} tokens long; this model accepts at most {limit}")
 
-    def _record_batch(self, jobs: list[ScoreJob], seconds: float) -> None:
-        stats = self.runner.last_stats
+    def _record_batch(self, results: BatchResults, seconds: float) -> None:
+        stats = results.stats  # the runner's numbers for this very batch, handed back with its results
         m = self.metrics
-        m.batch_size.observe(len(jobs))
+        m.batch_size.observe(stats.jobs)
         m.batch_tokens.observe(stats.padded_tokens)
         m.batch_duration.observe(seconds)
         m.tokens_computed.inc(stats.computed_tokens)
         m.tokens_cached.inc(stats.tokens - stats.computed_tokens)
-        cache = self.cache.stats
-        m.cache_hits.inc(cache.hits - self._cache_seen[0])
-        m.cache_misses.inc(cache.misses - self._cache_seen[1])
-        m.cache_evictions.inc(cache.evicted_blocks - self._cache_seen[2])
-        self._cache_seen = (cache.hits, cache.misses, cache.evicted_blocks)
+        m.cache_hits.inc(stats.cache_hits)
+        m.cache_misses.inc(stats.cache_misses)
+        m.cache_evictions.inc(stats.cache_evictions)
 
     def _usage(self, jobs: list[ScoreJob], results: list[JobResult]) -> Usage:
         tokens = sum(len(j.ids) for j in jobs)

@@ -1,22 +1,17 @@
-"""Plain data types of the engine interface. No HTTP, no pydantic: frozen dataclasses."""
+"""Plain data types of the engine: its interface (requests in, outputs out) and what flows between the
+engine, the scheduler and the runner (ScoreJob in, JobResult out, BatchStats with every batch). No HTTP, no
+pydantic, no torch: dataclasses and numpy arrays (docs/ARCHITECTURE.md, "One request").
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from model_store.render import Step, Trajectory  # noqa: F401  (the inputs: defined with the renderer)
+
 AGGREGATES = ("last", "min", "mean", "prod")
-
-
-@dataclass(frozen=True)
-class Step:
-    observation: str
-    action: str
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    task: str
-    steps: tuple[Step, ...]
 
 
 @dataclass(frozen=True)
@@ -44,12 +39,6 @@ class Usage:
     prompt_tokens: int = 0
     computed_tokens: int = 0
     cached_tokens: int = 0
-
-    def add(self, other: "Usage") -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.computed_tokens += other.computed_tokens
-        self.cached_tokens += other.cached_tokens
-
 
 @dataclass(frozen=True)
 class ScoreOutput:
@@ -105,4 +94,43 @@ class Health:
     live: bool
     ready: bool
     detail: str = ""
-    extra: dict = field(default_factory=dict)
+
+
+# -- between the engine, the scheduler and the runner ------------------------------------------------
+@dataclass(frozen=True)
+class ScoreJob:
+    """Token ids to run and the positions whose promise is wanted. `prefix_len` hints that ids[:prefix_len]
+    is shared with other jobs of the batch (a rerank's task, a beam's history): computed once."""
+    ids: tuple[int, ...]
+    readouts: tuple[int, ...]
+    prefix_len: int = 0
+
+
+@dataclass
+class JobResult:
+    promises: np.ndarray  # [len(readouts)] float32
+    computed_tokens: int  # tokens this job ran through the model (the rest came from a cache or a sibling)
+
+
+@dataclass
+class BatchStats:
+    """What one batch cost: filled by the runner, handed back with the batch's results (BatchResults)."""
+    jobs: int = 0
+    tokens: int = 0
+    computed_tokens: int = 0
+    padded_tokens: int = 0  # token slots the passes ran, padding included
+    forwards: int = 0
+    seconds: float = 0.0
+    shapes: list = field(default_factory=list)  # per pass: [sequences, tokens] (padded: [B, T]; packed: [B, N])
+    cache_hits: int = 0  # prefix-cache lookups of this batch that found a chain
+    cache_misses: int = 0
+    cache_evictions: int = 0  # blocks evicted while this batch inserted its own
+
+
+class BatchResults(list):
+    """The results of one batch, one JobResult per job in order, carrying the batch's `stats` with them (a
+    list, so whatever wraps a runner's run_batch passes them on unchanged)."""
+
+    def __init__(self, results: list[JobResult], stats: BatchStats):
+        super().__init__(results)
+        self.stats = stats

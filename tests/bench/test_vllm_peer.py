@@ -50,7 +50,7 @@ def rendered(checkpoint):
     from tokenizers import Tokenizer
 
     from model_store.store import verify_checkpoint
-    from service.engine.render import Renderer
+    from model_store.render import Renderer
     from service.engine.types import Step, Trajectory
 
     manifest = verify_checkpoint(checkpoint)

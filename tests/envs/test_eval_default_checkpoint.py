@@ -13,7 +13,7 @@ pytest.importorskip("minigrid", reason="needs the envs extra (minigrid)")
 from envs.evaluate import DataConfig, heldout_episodes, sample_heldout  # noqa: E402
 from model_store.store import resolve_checkpoint  # noqa: E402
 from service.engine.engine import EngineConfig, PRMEngine  # noqa: E402
-from service.engine.prm import load_prm  # noqa: E402
+from model_store.modeling import load_prm  # noqa: E402
 from service.engine.types import Step, Trajectory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

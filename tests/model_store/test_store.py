@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from model_store.manifest import Manifest, write_manifest
 from model_store.store import CheckpointError, ModelStore, read_manifest, resolve_checkpoint, verify_checkpoint
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 
 
 @pytest.fixture
