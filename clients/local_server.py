@@ -3,8 +3,9 @@ launcher (tests/, bench/ and envs/ all use these).
 
 - `free_port()`: a TCP port free on 127.0.0.1 right now.
 - `ServerProcess(cmd, url, ...)`: any HTTP server command, started in its own process group, its output in a
-  log file (or, with `pipe_output`, on `proc.stdout` for the caller to read after the process ends), ready when `ready_path` answers 200 (bounded wait; an early exit or a timeout
-  raises `ServerStartError` with the log's tail). Stopping sends SIGTERM to the group, then SIGKILL.
+  log file (or, with `pipe_output`, on `proc.stdout`, for the caller to read once the process ends), ready
+  when `ready_path` answers 200 (bounded wait; an early exit or a timeout raises `ServerStartError` with the
+  output's tail). Stopping sends SIGTERM to the group, then SIGKILL.
 - `serve_command(...)` / `local_server(...)`: `python -m service.cli serve` of the running tree (the same
   interpreter, the repository as working directory), optionally with `--model`, as a context manager that
   yields the started `ServerProcess` (`.url`, `.proc`).
@@ -86,18 +87,34 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.start_s: float | None = None
         self._log = None
+        self._t0 = 0.0
 
-    def start(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> "ServerProcess":
+    def launch(self) -> "ServerProcess":
+        """Start the process without waiting for it (see `wait`)."""
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "wb")
+        self._t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log or subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=self.env, cwd=str(self.cwd or REPO), start_new_session=True)
+        return self
+
+    def wait(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> float:
+        """Seconds from launch to ready; ServerStartError (the process stopped, its output in the message)
+        when it exits first or is not ready within `timeout_s`."""
+        if self.proc is None:
+            raise ServerStartError("the server was not launched")
         try:
-            self.start_s = wait_ready(self.url, self.proc, timeout_s, self.ready_path, poll_s)
+            wait_ready(self.url, self.proc, timeout_s, self.ready_path, poll_s)
         except (RuntimeError, TimeoutError) as exc:
             tail = self._stop_and_tail()
             raise ServerStartError(f"{' '.join(self.cmd)}: {exc}:\n{tail}") from None
+        self.start_s = time.monotonic() - self._t0
+        return self.start_s
+
+    def start(self, timeout_s: float = 300.0, poll_s: float = 0.2) -> "ServerProcess":
+        """Launch and wait until ready."""
+        self.launch().wait(timeout_s, poll_s)
         return self
 
     def _stop_and_tail(self) -> str:

@@ -21,6 +21,7 @@ import httpx
 
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelList, RerankRequest, RerankResponse,
                                   ScoreRequest, ScoreResponse)
+from service.engine.types import DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS
 
 RETRY_STATUS = (429, 502, 503)
 
@@ -88,7 +89,7 @@ def _expand_body(beams, beam_width, model) -> dict:
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = "default", max_connections: int = 100):
+                 model: str = DEFAULT_MODEL_ALIAS, max_connections: int = 100):
         self.base_url = base_url.rstrip("/")
         # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
         # holds more than max_keepalive_connections in all (busy ones counted), so with its default of 20 a
@@ -134,11 +135,11 @@ class PRMClient(_Base):
             time.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
         raise AssertionError("unreachable")
 
-    def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
 
-    def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
+    def rerank(self, task: str, candidates, aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
                model: str | None = None) -> RerankResponse:
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
         return RerankResponse.model_validate(self._request("POST", "/v1/rerank", body).json())
@@ -189,11 +190,11 @@ class AsyncPRMClient(_Base):
             await asyncio.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
         raise AssertionError("unreachable")
 
-    async def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    async def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
 
-    async def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
+    async def rerank(self, task: str, candidates, aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
                      model: str | None = None) -> RerankResponse:
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
         return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())

@@ -3,7 +3,8 @@
 Unexpected exceptions are turned into the 500 shape by the middleware (service.api.middleware), so that
 the response still carries the request id.
 
-429 (overloaded) and 503 (not ready, draining) carry `Retry-After` (service.engine.admission). A 5xx is logged with the request id.
+429 (overloaded) and 503 (not ready, draining) carry `Retry-After` (service.engine.admission). A 5xx is
+logged with the request id.
 A request whose client went away gets 499 (nginx's convention); nobody reads it, the metrics count it.
 """
 

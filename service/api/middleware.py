@@ -25,6 +25,7 @@ import re
 import time
 import uuid
 
+from service.api.config import ALWAYS_PUBLIC
 from service.engine.admission import retry_after_header
 from service.metrics import Metrics
 
@@ -195,7 +196,7 @@ class BodyLimit:
 
 
 def install_middleware(app, metrics: Metrics, max_body_bytes: int, api_keys: tuple[str, ...] = (),
-                       public_paths: frozenset[str] = frozenset({"/health", "/ready"}), log_access: bool = True,
+                       public_paths: frozenset[str] = ALWAYS_PUBLIC, log_access: bool = True,
                        state=None) -> None:
     """Add the middleware in order; Starlette runs the last added outermost."""
     app.add_middleware(BodyLimit, max_body_bytes=max_body_bytes)

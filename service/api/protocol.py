@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine import types as E
 
-Aggregate = Literal["last", "min", "mean", "prod"]
+Aggregate = Literal[E.AGGREGATES]
 
 
 def _timeout_field():
@@ -40,9 +40,9 @@ class TrajectoryIn(_In):
 
 
 class ScoreRequest(_In):
-    model: str = "default"
+    model: str = E.DEFAULT_MODEL_ALIAS
     trajectories: list[TrajectoryIn] = Field(min_length=1)
-    aggregate: Aggregate = "last"
+    aggregate: Aggregate = E.DEFAULT_AGGREGATE
     timeout_s: float | None = _timeout_field()
 
 
@@ -88,10 +88,10 @@ class CandidateIn(_In):
 
 
 class RerankRequest(_In):
-    model: str = "default"
+    model: str = E.DEFAULT_MODEL_ALIAS
     task: str
     candidates: list[CandidateIn] = Field(min_length=1)
-    aggregate: Aggregate = "last"
+    aggregate: Aggregate = E.DEFAULT_AGGREGATE
     top_n: int | None = Field(default=None, ge=1, description="Return only the best top_n candidates")
     timeout_s: float | None = _timeout_field()
 
@@ -128,7 +128,7 @@ class BeamIn(_In):
 
 
 class BeamExpandRequest(_In):
-    model: str = "default"
+    model: str = E.DEFAULT_MODEL_ALIAS
     beam_width: int = Field(ge=1, description="How many (beam, candidate) pairs survive")
     beams: list[BeamIn] = Field(min_length=1)
     timeout_s: float | None = _timeout_field()

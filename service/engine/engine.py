@@ -8,7 +8,6 @@ trajectory scores every step. Validation errors are `InvalidInput` naming the of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,36 +16,18 @@ from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
 from model_store.render import Renderer
 from service.engine import postprocess
 from service.engine.client import EngineClient
+from service.engine.config import EngineConfig
 from service.engine.cuda_graphs import GraphRunner, default_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
 from service.engine.runner import TorchRunner
-from service.engine.scheduler import Scheduler, SchedulerConfig
-from service.engine.types import (AGGREGATES, BatchResults, Beam, ExpandOutput, Health, JobResult, ModelInfo,
-                                  RankedCandidate, RerankOutput, ScoreJob, ScoreOutput, Selection, Step, Trajectory,
-                                  TrajectoryScore, Usage)
+from service.engine.scheduler import Scheduler
+from service.engine.types import (AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS, BatchResults, Beam,
+                                  ExpandOutput, Health, JobResult, ModelInfo, RankedCandidate, RerankOutput, ScoreJob,
+                                  ScoreOutput, Selection, Step, Trajectory, TrajectoryScore, Usage)
 from service.metrics import Metrics
 
 log = logging.getLogger("agentprm.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"
-    max_batch_tokens: int = 16384
-    max_wait_ms: float = 0.0  # 0: continuous batching (a batch takes what queued while the last one ran)
-    max_queue_jobs: int = 4096
-    max_queue_tokens: int = 1 << 20
-    max_forward_tokens: int = 0  # 0: auto, 2048 on a CPU (bench/cpu_kernels.py measures it), 8192 on a GPU
-    max_trajectories: int = 256
-    max_candidates: int = 512
-    prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
-    prefix_block_size: int = 32
-    share_prefixes: bool = True  # compute a request's shared prefix once
-    max_queue_delay_s: float = 10.0  # refuse (429) when queued work would take longer than this; 0: no bound
-    max_consecutive_failures: int = 5  # failed batches in a row that declare the engine dead; 0: never
-    backend: str = "auto"  # auto (packed on a CPU for Qwen2, padded elsewhere), packed, padded (runner.py)
-    cuda_graphs: bool = True  # on a GPU: capture the small plain passes (cuda_graphs.py); ignored on a CPU
 
 
 def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
@@ -77,25 +58,18 @@ class PRMEngine(EngineClient):
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
-                                  max_forward_tokens=config.max_forward_tokens or (2048 if self.device.type == "cpu" else 8192),
+                                  max_forward_tokens=config.forward_tokens(self.device.type),
                                   cache=self.cache,
                                   marker_ids=(self.renderer.end_id, self.renderer.state_id),
                                   backend=config.backend, graphs=graphs)
-        self.scheduler = Scheduler(
-            self.runner.run_batch,
-            SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_wait_s=config.max_wait_ms / 1000,
-                            max_queue_jobs=config.max_queue_jobs, max_queue_tokens=config.max_queue_tokens,
-                            max_queue_delay_s=config.max_queue_delay_s,
-                            max_consecutive_failures=config.max_consecutive_failures),
-            on_batch=self._record_batch,
-        )
+        self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
         self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
         self.metrics.cache_bytes.set_function(lambda: self.cache.bytes)
         self.metrics.cache_blocks.set_function(lambda: len(self.cache))
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
-                              aliases=("default",), method=m.training.method, created_at=m.created_at)
+                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, config: EngineConfig = EngineConfig(),
@@ -107,10 +81,8 @@ class PRMEngine(EngineClient):
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.scheduler.start()
-        self.metrics.ready.set(1)
 
     async def shutdown(self) -> None:
-        self.metrics.ready.set(0)
         await self.scheduler.stop()
 
     async def check_health(self) -> Health:
@@ -125,9 +97,10 @@ class PRMEngine(EngineClient):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> str:
-        if model in (None, "", "default", self.info.name, self.info.ref):
+        if model in (None, "", DEFAULT_MODEL_ALIAS, self.info.name, self.info.ref):
             return self.info.ref
-        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} (alias 'default')")
+        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} "
+                           f"(alias {DEFAULT_MODEL_ALIAS!r})")
 
     def _check_length(self, ids, what: str) -> None:
         limit = self.manifest.max_seq_len
@@ -187,7 +160,7 @@ class PRMEngine(EngineClient):
             raise InvalidInput(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
 
     # -- routes ----------------------------------------------------------------------------------
-    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = "last",
+    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = DEFAULT_AGGREGATE,
                     request_id: str = "") -> ScoreOutput:
         ref = self._check_model(model)
         self._check_aggregate(aggregate)
@@ -200,8 +173,9 @@ class PRMEngine(EngineClient):
         results = await self._run(jobs, request_id)
         return ScoreOutput(ref, tuple(self._trajectory_scores(results, aggregate)), self._usage(jobs, results))
 
-    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]], aggregate: str = "last",
-                     top_n: int | None = None, request_id: str = "") -> RerankOutput:
+    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]],
+                     aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
+                     request_id: str = "") -> RerankOutput:
         ref = self._check_model(model)
         self._check_aggregate(aggregate)
         if not candidates:

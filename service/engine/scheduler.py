@@ -91,9 +91,7 @@ class Scheduler:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentprm-model")
         self._closed = False
         self.batches_run = 0
-        self.batches_failed = 0
         self.consecutive_failures = 0
-        self.last_error: BaseException | None = None
         self.failure: str | None = None  # why the engine died; None while it serves
         self._tokens_per_s = 0.0  # moving average of the measured throughput (Retry-After estimates)
 
@@ -256,8 +254,6 @@ class Scheduler:
 
     def _batch_failed(self, batch: list[_Entry], exc: Exception) -> bool:
         """Fail the batch's requests; return True when the engine must stop for good."""
-        self.last_error = exc
-        self.batches_failed += 1
         self.consecutive_failures += 1
         tags = sorted({e.tag for e in batch if e.tag})
         log.error("batch of %d jobs failed (requests %s): %s: %s", len(batch), ", ".join(tags) or "-",

@@ -11,7 +11,9 @@ import numpy as np
 
 from model_store.render import Step, Trajectory  # noqa: F401  (the inputs: defined with the renderer)
 
-AGGREGATES = ("last", "min", "mean", "prod")
+AGGREGATES = ("last", "min", "mean", "prod")  # how step promises become one trajectory score (postprocess)
+DEFAULT_AGGREGATE = "last"
+DEFAULT_MODEL_ALIAS = "default"  # the name every server answers to for the model it serves
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class ModelInfo:
     name: str
     version: str
     max_seq_len: int
-    aliases: tuple[str, ...] = ("default",)
+    aliases: tuple[str, ...] = (DEFAULT_MODEL_ALIAS,)
     method: str | None = None
     created_at: str | None = None
 

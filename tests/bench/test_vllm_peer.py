@@ -10,13 +10,13 @@ over HTTP (the path the benchmark uses, both STEP and ALL pooling, two head layo
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bench import vllm_peer as vp
+from clients.local_server import free_port
 from model_store.export import init_random
 
 pytestmark = [
@@ -28,12 +28,6 @@ pytestmark = [
 TOL = 1e-4
 WORDS = ("go to the red ball blue key yellow door wall turn left right move forward pick up drop toggle "
          "you see a steps ahead <|end|> <|state|> carry nothing 1 2 3").split()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +90,7 @@ def _check(got, reference, pooling):
 def test_http_server_matches_reference(checkpoint, rendered, reference, tmp_path, arch, pooling):
     export = vp.export_for_vllm(checkpoint, tmp_path / arch, arch=arch)
     ids = [list(r.ids) for r in rendered]
-    with vp.VllmServer(export.path, _free_port(), pooling=pooling, log_path=tmp_path / "serve.log") as server:
+    with vp.VllmServer(export.path, free_port(), pooling=pooling, log_path=tmp_path / "serve.log") as server:
         assert server.start_s is not None and server.start_s > 0
         batch = server.score_ids(ids)
         single = [server.score_ids([x])[0] for x in ids[:2]]  # one request per trajectory too

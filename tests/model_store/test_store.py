@@ -49,6 +49,14 @@ def test_unknown_schema_version_is_refused(ckpt):
         verify_checkpoint(ckpt)
 
 
+def test_a_chat_template_is_refused_not_ignored(ckpt):
+    raw = json.loads((ckpt / "manifest.json").read_text())
+    raw["template"]["chat_template"] = "chatml"
+    (ckpt / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"invalid field 'template\.chat_template'.*not supported"):
+        read_manifest(ckpt)
+
+
 def test_missing_listed_file_is_refused(ckpt):
     (ckpt / "tokenizer" / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer/tokenizer\.json: listed in manifest\.json but missing"):

@@ -12,9 +12,8 @@ import torch
 
 from model_store.modeling import PRMModel
 from service.engine.backends.base import KV, Backend, ForwardPass, PassOutput
+from service.engine.config import BACKENDS
 from service.engine.cuda_graphs import GraphRunner
-
-BACKENDS = ("auto", "packed", "padded")
 
 __all__ = ["BACKENDS", "KV", "Backend", "ForwardPass", "PassOutput", "make_backend"]
 

@@ -28,15 +28,15 @@ class PackedBackend:
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         ids = torch.tensor([t for s in fwd.seqs for t in s], dtype=torch.long, device=self.device)  # [N]
         hidden, new_kv = self.packed.forward(ids, lengths, keep_kv=fwd.keep_kv, pasts=fwd.pasts)  # [N, H]
-        kv_rows = None
-        if fwd.keep_kv:
-            def kv_rows(b: int, n: int) -> KV:
-                lo = int(offsets[b])
-                rows = [(k[lo:lo + n].transpose(0, 1).unsqueeze(0), v[lo:lo + n].transpose(0, 1).unsqueeze(0))
-                        for k, v in new_kv]  # [1, kvh, n, hd]
-                if fwd.pasts[b] is None:
-                    return rows
-                return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
-                        for (pk, pv), (k, v) in zip(fwd.pasts[b], rows)]
+
+        def kv_rows(b: int, n: int) -> KV:
+            lo = int(offsets[b])
+            rows = [(k[lo:lo + n].transpose(0, 1).unsqueeze(0), v[lo:lo + n].transpose(0, 1).unsqueeze(0))
+                    for k, v in new_kv]  # [1, kvh, n, hd]
+            if fwd.pasts[b] is None:
+                return rows
+            return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
+                    for (pk, pv), (k, v) in zip(fwd.pasts[b], rows)]
+
         promises = read_promises(self.model, hidden, offsets, fwd.wanted, self.device)
-        return PassOutput(promises, [len(lengths), sum(lengths)], sum(lengths), kv_rows)
+        return PassOutput(promises, [len(lengths), sum(lengths)], sum(lengths), kv_rows if fwd.keep_kv else None)

@@ -67,7 +67,7 @@ def test_packed_forward_continues_a_shared_past(kind):
         cache = DynamicCache()
         model(input_ids=prefix, past_key_values=cache, use_cache=True)
         past = [(layer.keys, layer.values) for layer in cache.layers]  # [1, kvh, 25, hd]
-        hidden, _ = packed.forward(torch.cat(suffixes), [len(s) for s in suffixes], past=past)
+        hidden, _ = packed.forward(torch.cat(suffixes), [len(s) for s in suffixes], pasts=[past] * len(suffixes))
         offset = 0
         for s in suffixes:
             ref = model(input_ids=torch.cat([prefix[0], s])[None]).last_hidden_state[0, prefix.shape[1]:]
