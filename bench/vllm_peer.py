@@ -21,7 +21,7 @@ Contract:
   `.venv-vllm` python on 127.0.0.1, waits (bounded) for /health, and stops the process group on exit.
   `score_ids(ids_lists, base_url=..., pooling=..., meta=...)` posts token ids to /pooling (task
   token_classify, prompts given as ids, never text) and returns the promises per trajectory:
-  pooling="all" -> the readouts of DESIGN §2 in order, [V_0 at <|state|>, Q_0, Q_1, ...] (positions of
+  pooling="all" -> the readouts of docs/ARCHITECTURE.md "Rendering" in order, [V_0 at <|state|>, Q_0, Q_1, ...] (positions of
   the state_end and action_end ids, selected on the client); pooling="step" -> vLLM's STEP pooling with
   step_tag_id = the <|end|> id: [Q_0, Q_1, ...] only (one tag id per server, so no V_0).
   Per-token tasks make vLLM skip reading its prefix cache (PoolingParams.skip_reading_prefix_cache).
@@ -208,7 +208,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
 # ----------------------------------------------------------------------------- readouts
 
 def readout_positions(ids, state_id: int, end_id: int) -> list[int]:
-    """DESIGN §2 readouts of a rendered trajectory: the state_end position, then every action_end."""
+    """The readouts (docs/ARCHITECTURE.md, "Rendering") of a rendered trajectory: the state_end position, then every action_end."""
     return [i for i, t in enumerate(ids) if t == state_id or t == end_id]
 
 

@@ -49,7 +49,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400:  # FastAPI's "error parsing the body" (not UTF-8 JSON): DESIGN says 422
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (not UTF-8 JSON): the API answers 422
             return error_response(422, "invalid_request", f"body: {exc.detail} (send UTF-8 JSON)")
         return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))

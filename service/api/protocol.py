@@ -1,4 +1,4 @@
-"""Every request and response model of the HTTP API (DESIGN §5), in one place.
+"""Every request and response model of the HTTP API (the contract in README.md; docs/ARCHITECTURE.md, "One request"), in one place.
 
 Request models convert themselves into engine parameters (`to_engine`); response models build themselves
 from engine outputs (`from_engine`). Field names are the contract that clients and adapters rely on.
@@ -78,9 +78,13 @@ class ScoreResponse(BaseModel):
 
     @classmethod
     def from_engine(cls, out: E.ScoreOutput) -> "ScoreResponse":
-        return cls(model=out.model, usage=Usage.from_engine(out.usage), results=[
-            TrajectoryResult(score=r.score, initial_value=r.initial_value,
-                             steps=[StepOut.from_engine(s) for s in r.steps]) for r in out.results])
+        return cls(model=out.model, usage=Usage.from_engine(out.usage),
+                   results=[cls.result_from_engine(r) for r in out.results])
+
+    @staticmethod
+    def result_from_engine(r: E.TrajectoryScore) -> TrajectoryResult:
+        return TrajectoryResult(score=r.score, initial_value=r.initial_value,
+                                steps=[StepOut.from_engine(s) for s in r.steps])
 
 
 class CandidateIn(_In):
@@ -106,16 +110,13 @@ class RerankResult(BaseModel):
     steps: list[StepOut]
 
 
-class RerankResponse(BaseModel):
-    model: str
+class RerankResponse(ScoreResponse):
     results: list[RerankResult]
-    usage: Usage
 
-    @classmethod
-    def from_engine(cls, out: E.RerankOutput) -> "RerankResponse":
-        return cls(model=out.model, usage=Usage.from_engine(out.usage), results=[
-            RerankResult(index=r.index, score=r.score, initial_value=r.initial_value,
-                         steps=[StepOut.from_engine(s) for s in r.steps]) for r in out.results])
+    @staticmethod
+    def result_from_engine(r: E.RankedCandidate) -> RerankResult:
+        return RerankResult(index=r.index, score=r.score, initial_value=r.initial_value,
+                            steps=[StepOut.from_engine(s) for s in r.steps])
 
 
 class BeamIn(_In):

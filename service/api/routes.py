@@ -25,34 +25,32 @@ def _request_id(request: Request) -> str:
     return getattr(request.state, "request_id", "")
 
 
+async def _served(request: Request, timeout_s: float | None, call):
+    """Run one engine call under admission (service.api.admission.guarded); its usage goes to the access log."""
+    out = await guarded(request, call, timeout_s)
+    request.state.usage = out.usage
+    return out
+
+
 @scoring.post("/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, engine: EngineDep, request: Request) -> ScoreResponse:
     """Score whole trajectories: a promise and a progress for every step, from one forward pass each."""
-    out = await guarded(request, lambda: engine.score(body.model, [t.to_engine() for t in body.trajectories],
-                                                      body.aggregate, request_id=_request_id(request)),
-                        body.timeout_s)
-    request.state.usage = out.usage
-    return ScoreResponse.from_engine(out)
+    return ScoreResponse.from_engine(await _served(request, body.timeout_s, lambda: engine.score(
+        body.model, [t.to_engine() for t in body.trajectories], body.aggregate, request_id=_request_id(request))))
 
 
 @scoring.post("/rerank", response_model=RerankResponse)
 async def rerank(body: RerankRequest, engine: EngineDep, request: Request) -> RerankResponse:
     """Best-of-N: score candidate trajectories of one task and return them sorted best first."""
-    out = await guarded(request, lambda: engine.rerank(body.model, body.task, body.to_engine(), body.aggregate,
-                                                       body.top_n, request_id=_request_id(request)),
-                        body.timeout_s)
-    request.state.usage = out.usage
-    return RerankResponse.from_engine(out)
+    return RerankResponse.from_engine(await _served(request, body.timeout_s, lambda: engine.rerank(
+        body.model, body.task, body.to_engine(), body.aggregate, body.top_n, request_id=_request_id(request))))
 
 
 @scoring.post("/beam-expand", response_model=BeamExpandResponse)
 async def beam_expand(body: BeamExpandRequest, engine: EngineDep, request: Request) -> BeamExpandResponse:
     """One step of step-level beam search: score every candidate action of every beam, keep the top beam_width."""
-    out = await guarded(request, lambda: engine.expand(body.model, [b.to_engine() for b in body.beams],
-                                                       body.beam_width, request_id=_request_id(request)),
-                        body.timeout_s)
-    request.state.usage = out.usage
-    return BeamExpandResponse.from_engine(out)
+    return BeamExpandResponse.from_engine(await _served(request, body.timeout_s, lambda: engine.expand(
+        body.model, [b.to_engine() for b in body.beams], body.beam_width, request_id=_request_id(request))))
 
 
 models = APIRouter(prefix="/v1", tags=["models"], responses={401: {"model": ErrorResponse}})

@@ -154,21 +154,24 @@ class PRMEngine(EngineClient):
         self.metrics.steps_scored.inc(sum(len(o) - 1 for o in outputs))
         return scored
 
-    @staticmethod
-    def _check_aggregate(aggregate: str) -> None:
+    def _check_scoring(self, model: str, aggregate: str, items: list, what: str, limit: int, too_many: str) -> str:
+        """The served model's ref, after the checks /v1/score and /v1/rerank share (`too_many`: the message
+        when more than `limit` items came)."""
+        ref = self._check_model(model)
         if aggregate not in AGGREGATES:
             raise InvalidInput(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+        if not items:
+            raise InvalidInput(f"{what} is empty")
+        if len(items) > limit:
+            raise InvalidInput(too_many)
+        return ref
 
     # -- routes ----------------------------------------------------------------------------------
     async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = DEFAULT_AGGREGATE,
                     request_id: str = "") -> ScoreOutput:
-        ref = self._check_model(model)
-        self._check_aggregate(aggregate)
-        if not trajectories:
-            raise InvalidInput("trajectories is empty")
-        if len(trajectories) > self.config.max_trajectories:
-            raise InvalidInput(f"{len(trajectories)} trajectories in one request; the limit is "
-                               f"{self.config.max_trajectories}")
+        limit = self.config.max_trajectories
+        ref = self._check_scoring(model, aggregate, trajectories, "trajectories", limit,
+                                  f"{len(trajectories)} trajectories in one request; the limit is {limit}")
         jobs = self._share([self._trajectory_job(t, f"trajectories[{i}]") for i, t in enumerate(trajectories)])
         results = await self._run(jobs, request_id)
         return ScoreOutput(ref, tuple(self._trajectory_scores(results, aggregate)), self._usage(jobs, results))
@@ -176,12 +179,9 @@ class PRMEngine(EngineClient):
     async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]],
                      aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
                      request_id: str = "") -> RerankOutput:
-        ref = self._check_model(model)
-        self._check_aggregate(aggregate)
-        if not candidates:
-            raise InvalidInput("candidates is empty")
-        if len(candidates) > self.config.max_candidates:
-            raise InvalidInput(f"{len(candidates)} candidates; the limit is {self.config.max_candidates}")
+        limit = self.config.max_candidates
+        ref = self._check_scoring(model, aggregate, candidates, "candidates", limit,
+                                  f"{len(candidates)} candidates; the limit is {limit}")
         if top_n is not None and top_n < 1:
             raise InvalidInput("top_n must be at least 1")
         jobs = self._share([self._trajectory_job(Trajectory(task, tuple(steps)), f"candidates[{i}]")
@@ -189,8 +189,7 @@ class PRMEngine(EngineClient):
         outputs = await self._run(jobs, request_id)
         scored = self._trajectory_scores(outputs, aggregate)
         order = postprocess.rank([s.score for s in scored], top_n)
-        results = tuple(RankedCandidate(index=i, score=scored[i].score, initial_value=scored[i].initial_value,
-                                        steps=scored[i].steps) for i in order)
+        results = tuple(RankedCandidate(**vars(scored[i]), index=i) for i in order)
         return RerankOutput(ref, results, self._usage(jobs, outputs))
 
     async def expand(self, model: str, beams: list[Beam], beam_width: int, request_id: str = "") -> ExpandOutput:

@@ -1,4 +1,4 @@
-"""Promise -> progress, trajectory aggregates, ranking (DESIGN §1 and §5).
+"""Promise -> progress, trajectory aggregates, ranking (README.md, "Scoring: the HTTP API"; docs/ARCHITECTURE.md, "One request").
 
 progress_t = promise_t - promise_{t-1}, progress_0 = promise_0 - V_0 (the initial-state readout).
 Aggregates for Best-of-N: `last` (the paper's rule), `min`, `mean`, `prod` of the step promises.

@@ -50,18 +50,13 @@ class ScoreOutput:
 
 
 @dataclass(frozen=True)
-class RankedCandidate:
-    index: int
-    score: float
-    initial_value: float
-    steps: tuple[StepScore, ...]
+class RankedCandidate(TrajectoryScore):
+    index: int = 0  # position of the candidate in the request
 
 
 @dataclass(frozen=True)
-class RerankOutput:
-    model: str
-    results: tuple[RankedCandidate, ...]
-    usage: Usage
+class RerankOutput(ScoreOutput):
+    results: tuple[RankedCandidate, ...]  # best first
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Not in the default suite: every test starts a vLLM engine (~20-30 s each on 2 cores) from the
 `.venv-vllm` environment that bench/vllm_setup.sh creates; skipped, naming the missing package, when
 that environment is absent. Reference: plain transformers (Qwen2Model.from_pretrained on the checkpoint's
-backbone/) + our value head + sigmoid at the DESIGN §2 readouts, fp32. vLLM must match within 1e-4,
+backbone/) + our value head + sigmoid at the readouts (docs/ARCHITECTURE.md), fp32. vLLM must match within 1e-4,
 over HTTP (the path the benchmark uses, both STEP and ALL pooling, two head layouts) and offline.
 """
 
