@@ -145,7 +145,7 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def _device(name: str, local_rank: int):
-    from service.engine.runner import pick_device
+    from model_store.modeling import pick_device
 
     device = pick_device(name)
     if device.type == "cuda" and device.index is None:
@@ -157,7 +157,7 @@ def _device(name: str, local_rank: int):
 
 def run_train(args, command: str) -> dict:
     """The whole `train` command; returns the summary printed at the end."""
-    from service.engine.render import Renderer
+    from model_store.render import Renderer
     from training import data as data_mod
     from training.backbone import initialize
     from training.export import export_checkpoint, training_info

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.prm import PRMModel
-from service.engine.render import Renderer
+from model_store.modeling import PRMModel
+from model_store.render import Renderer
 from training.data import Record
 from training.losses import batch_loss_terms, term_counts
 from training.precision import resolve_precision

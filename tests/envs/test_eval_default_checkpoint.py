@@ -20,7 +20,7 @@ from envs.base import run_episode  # noqa: E402
 from envs.verifiers import expert_states  # noqa: E402
 from model_store.store import resolve_checkpoint  # noqa: E402
 from service.engine.engine import EngineConfig, PRMEngine  # noqa: E402
-from service.engine.prm import load_prm  # noqa: E402
+from model_store.modeling import load_prm  # noqa: E402
 from service.engine.types import Step, Trajectory  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
