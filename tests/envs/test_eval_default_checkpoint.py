@@ -75,7 +75,7 @@ def test_default_checkpoint_ranks_successes_above_failures_on_unseen_levels():
 
 def test_default_checkpoint_guides_beam_search_on_unseen_levels_far_better_than_random_scores():
     from clients.sdk import PRMClient
-    from envs.pipeline import Server
+    from envs.pipeline import served
     from envs.policies import NoisyExpertPolicy
     from envs.verifiers import RandomChooser, evaluate_beam
 
@@ -88,7 +88,7 @@ def test_default_checkpoint_guides_beam_search_on_unseen_levels_far_better_than_
         beam = evaluate_beam(chooser_for_episode, env_for, NoisyExpertPolicy(0.7, 0), episodes, ((4, 4),))
         return sum(beam["4x4"]["outcomes"]) / len(episodes)
 
-    with Server() as server, PRMClient(server.url, timeout=120) as prm:  # `agentprm serve` with no --model
+    with served() as server, PRMClient(server.url, timeout=120) as prm:  # `agentprm serve` with no --model
         assert prm.models().data[0].name == DEFAULT_NAME
         guided = success(lambda seed: prm)
     unguided = success(lambda seed: RandomChooser(seed))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.engine.render import Renderer
+from model_store.render import Renderer
 from tests.training.synthetic import make_door_dataset
 from training.backbone import initialize
 from training.data import corpus_text, data_summary, initial_value_targets, load_jsonl, split_by_group, write_jsonl
