@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelList, RerankRequest, RerankResponse,
                                   ScoreRequest, ScoreResponse)
+from service.engine.types import DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS
 
 RETRY_STATUS = (429, 502, 503)
 
@@ -118,10 +119,37 @@ def _expand_body(beams, beam_width, model) -> dict:
                                              "beams": _as_dicts(beams)}).model_dump(exclude_none=True)
 
 
+class _Retries:
+    """The retry policy of one request, shared by the sync and async clients (module docstring)."""
+
+    def __init__(self, max_retries: int, base_s: float, cap_s: float):
+        self.max_retries, self.base_s, self.cap_s = max_retries, base_s, cap_s
+        self.attempt = 0
+        self.response: httpx.Response | None = None
+
+    def after(self, outcome: httpx.Response | httpx.TransportError) -> float | None:
+        """Seconds to wait before the next attempt, or None when `self.response` is the answer; raises the
+        transport error or the PRMError when no retry is left or the status is not retryable."""
+        attempt, self.attempt = self.attempt, self.attempt + 1
+        last = attempt == self.max_retries
+        response = None
+        if isinstance(outcome, httpx.TransportError):
+            if last:
+                raise outcome
+        else:
+            response = outcome
+            if response.status_code < 400:
+                self.response = response
+                return None
+            if response.status_code not in RETRY_STATUS or last:
+                raise _error_from(response)
+        return _backoff(attempt, response, self.base_s, self.cap_s)
+
+
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = "default", max_connections: int = 100, trust_env: bool | None = None):
+                 model: str = DEFAULT_MODEL_ALIAS, max_connections: int = 100, trust_env: bool | None = None):
         self.base_url = base_url.rstrip("/")
         self.trust_env = (not is_loopback(self.base_url)) if trust_env is None else trust_env
         # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
@@ -134,6 +162,9 @@ class _Base:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.model = model
+
+    def _retries(self) -> _Retries:
+        return _Retries(self.max_retries, self.backoff_base_s, self.backoff_cap_s)
 
 
 class PRMClient(_Base):
@@ -155,25 +186,23 @@ class PRMClient(_Base):
 
     def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None
                  ) -> httpx.Response:
-        for attempt in range(self.max_retries + 1):
-            response = None
-            try:
-                response = self._http.request(method, path, json=json, params=params)
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
-                    raise _error_from(response)
-            except httpx.TransportError:
-                if attempt == self.max_retries:
-                    raise
-            time.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
-        raise AssertionError("unreachable")
+        retry = self._retries()
+        while (wait := retry.after(self._attempt(method, path, json, params))) is not None:
+            time.sleep(wait)
+        return retry.response
 
-    def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    def _attempt(self, method: str, path: str, json: Mapping | None, params: Mapping | None = None
+                 ) -> httpx.Response | httpx.TransportError:
+        try:
+            return self._http.request(method, path, json=json, params=params)
+        except httpx.TransportError as exc:
+            return exc
+
+    def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
 
-    def rerank(self, task: str | None, candidates, aggregate: str = "last", top_n: int | None = None,
+    def rerank(self, task: str | None, candidates, aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
                model: str | None = None, messages: list | None = None) -> RerankResponse:
         """Best-of-N: `task` and candidates as step lists, or (task=None) `messages` and candidates as message lists."""
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model, messages)
@@ -220,26 +249,25 @@ class AsyncPRMClient(_Base):
 
     async def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None
                        ) -> httpx.Response:
-        for attempt in range(self.max_retries + 1):
-            response = None
-            try:
-                response = await self._http.request(method, path, json=json, params=params)
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
-                    raise _error_from(response)
-            except httpx.TransportError:
-                if attempt == self.max_retries:
-                    raise
-            await asyncio.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
-        raise AssertionError("unreachable")
+        retry = self._retries()
+        while (wait := retry.after(await self._attempt(method, path, json, params))) is not None:
+            await asyncio.sleep(wait)
+        return retry.response
 
-    async def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    async def _attempt(self, method: str, path: str, json: Mapping | None, params: Mapping | None = None
+                       ) -> httpx.Response | httpx.TransportError:
+        try:
+            return await self._http.request(method, path, json=json, params=params)
+        except httpx.TransportError as exc:
+            return exc
+
+    async def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
 
-    async def rerank(self, task: str | None, candidates, aggregate: str = "last", top_n: int | None = None,
-                     model: str | None = None, messages: list | None = None) -> RerankResponse:
+    async def rerank(self, task: str | None, candidates, aggregate: str = DEFAULT_AGGREGATE,
+                     top_n: int | None = None, model: str | None = None, messages: list | None = None
+                     ) -> RerankResponse:
         """Best-of-N: `task` and candidates as step lists, or (task=None) `messages` and candidates as message lists."""
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model, messages)
         return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())
