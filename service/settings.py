@@ -89,13 +89,16 @@ class ServerSettings(BaseSettings):
         description="Log one line per request (id, route, status, latency, tokens) at info level; never the body")
 
     reward_step_format: Literal["markers", "delimiter", "chatml", "llama3"] = Field(
-        "markers", description="/v1/reward: how a query text splits into steps (our template markers, a "
-                               "delimiter, or a chat template's turns); a request's ?step_format= overrides it")
-    reward_step_delimiter: str = Field("\\n\\n", min_length=1, description="/v1/reward: the step delimiter of "
-                                                                            "step_format=delimiter (\\n, \\t, "
-                                                                            "\\\\ read as newline, tab, backslash)")
+        _API.reward_step_format, description="/v1/reward: how a query text splits into steps (our template "
+                                             "markers, a delimiter, or a chat template's turns); a request's "
+                                             "?step_format= overrides it")
+    reward_step_delimiter: str = Field(
+        _API.reward_step_delimiter, min_length=1, description="/v1/reward: the step delimiter of "
+                                                              "step_format=delimiter (\\n, \\t, \\\\ read "
+                                                              "as newline, tab, backslash)")
     reward_aggregate: Literal["last", "min", "sum_progress"] = Field(
-        "last", description="/v1/reward: steps -> one reward (last promise, min promise, or sum of progress)")
+        _API.reward_aggregate, description="/v1/reward: steps -> one reward (last promise, min promise, or sum "
+                                           "of progress)")
 
     @field_validator("api_key", mode="before")
     @classmethod
