@@ -5,6 +5,12 @@ died mid-request) and 503 (not ready, draining) are retried with exponential bac
 honouring Retry-After (seconds or an HTTP date, capped by `backoff_cap_s`), up to `max_retries` times;
 every other error is raised at once as `PRMError(message, code, type)`. 504 is not retried: it is the
 request's own deadline. Scoring is idempotent, so a retried request can never double-count anything.
+
+Episode affinity: `episode_id` (per client, or per call, which wins) is sent as the `X-Episode-ID` header so
+that a proxy hashing on it (docker/compose.yaml, docker/k8s/overlays/affinity) sends every call of one agent
+episode to the replica whose prefix cache holds that episode's history; the server writes it to its access
+log. `headers` adds further headers per client or per call. Requests without an episode id work the same,
+they only lose the affinity.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import datetime
 import email.utils
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,6 +30,17 @@ from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelLi
                                   ScoreRequest, ScoreResponse)
 
 RETRY_STATUS = (429, 502, 503)
+EPISODE_HEADER = "X-Episode-ID"
+# What the server logs and a proxy hashes: short, printable, no separators that could split a log line.
+_EPISODE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _check_episode_id(episode_id: str | None) -> str | None:
+    if episode_id is not None and not _EPISODE_ID.match(str(episode_id)):
+        raise ValueError(f"episode_id must be 1-128 characters of A-Z a-z 0-9 . _ : -, got {episode_id!r}")
+    return episode_id
+
+
 
 
 class PRMError(Exception):
@@ -88,18 +106,39 @@ def _expand_body(beams, beam_width, model) -> dict:
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = "default", max_connections: int = 100):
+                 model: str = "default", max_connections: int = 100, episode_id: str | None = None,
+                 headers: Mapping[str, str] | None = None):
         self.base_url = base_url.rstrip("/")
         # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
         # holds more than max_keepalive_connections in all (busy ones counted), so with its default of 20 a
         # client running more concurrent calls than that reconnected for most of them.
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = dict(headers or {})
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._episode_id = _check_episode_id(episode_id)
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.model = model
+
+    @property
+    def episode_id(self) -> str | None:
+        """The X-Episode-ID sent on calls that name none; set it to None to send none."""
+        return self._episode_id
+
+    @episode_id.setter
+    def episode_id(self, value: str | None) -> None:
+        self._episode_id = _check_episode_id(value)
+
+    def _call_headers(self, episode_id: str | None, headers: Mapping[str, str] | None) -> dict:
+        """The headers one call adds to the client's: its own, then the episode id (the call's, else the client's)."""
+        extra = dict(headers or {})
+        episode = _check_episode_id(episode_id) or self._episode_id
+        if episode is not None:
+            extra[EPISODE_HEADER] = episode
+        return extra
 
 
 class PRMClient(_Base):
@@ -119,11 +158,12 @@ class PRMClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
+    def _request(self, method: str, path: str, json: Mapping | None = None,
+                 headers: Mapping[str, str] | None = None) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = self._http.request(method, path, json=json)
+                response = self._http.request(method, path, json=json, headers=headers)
                 if response.status_code < 400:
                     return response
                 if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
@@ -134,18 +174,24 @@ class PRMClient(_Base):
             time.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
         raise AssertionError("unreachable")
 
-    def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    def score(self, trajectories, aggregate: str = "last", model: str | None = None, *,
+              episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
-        return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
+        response = self._request("POST", "/v1/score", body, self._call_headers(episode_id, headers))
+        return ScoreResponse.model_validate(response.json())
 
     def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
-               model: str | None = None) -> RerankResponse:
+               model: str | None = None, *, episode_id: str | None = None,
+               headers: Mapping[str, str] | None = None) -> RerankResponse:
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
-        return RerankResponse.model_validate(self._request("POST", "/v1/rerank", body).json())
+        response = self._request("POST", "/v1/rerank", body, self._call_headers(episode_id, headers))
+        return RerankResponse.model_validate(response.json())
 
-    def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
+    def beam_expand(self, beams, beam_width: int, model: str | None = None, *,
+                    episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> BeamExpandResponse:
         body = _expand_body(beams, beam_width, model or self.model)
-        return BeamExpandResponse.model_validate(self._request("POST", "/v1/beam-expand", body).json())
+        response = self._request("POST", "/v1/beam-expand", body, self._call_headers(episode_id, headers))
+        return BeamExpandResponse.model_validate(response.json())
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._request("GET", "/v1/models").json())
@@ -174,11 +220,12 @@ class AsyncPRMClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
+    async def _request(self, method: str, path: str, json: Mapping | None = None,
+                       headers: Mapping[str, str] | None = None) -> httpx.Response:
         for attempt in range(self.max_retries + 1):
             response = None
             try:
-                response = await self._http.request(method, path, json=json)
+                response = await self._http.request(method, path, json=json, headers=headers)
                 if response.status_code < 400:
                     return response
                 if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
@@ -189,18 +236,24 @@ class AsyncPRMClient(_Base):
             await asyncio.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
         raise AssertionError("unreachable")
 
-    async def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    async def score(self, trajectories, aggregate: str = "last", model: str | None = None, *,
+                    episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
-        return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
+        response = await self._request("POST", "/v1/score", body, self._call_headers(episode_id, headers))
+        return ScoreResponse.model_validate(response.json())
 
     async def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
-                     model: str | None = None) -> RerankResponse:
+                     model: str | None = None, *, episode_id: str | None = None,
+                     headers: Mapping[str, str] | None = None) -> RerankResponse:
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
-        return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())
+        response = await self._request("POST", "/v1/rerank", body, self._call_headers(episode_id, headers))
+        return RerankResponse.model_validate(response.json())
 
-    async def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
+    async def beam_expand(self, beams, beam_width: int, model: str | None = None, *, episode_id: str | None = None,
+                          headers: Mapping[str, str] | None = None) -> BeamExpandResponse:
         body = _expand_body(beams, beam_width, model or self.model)
-        return BeamExpandResponse.model_validate((await self._request("POST", "/v1/beam-expand", body)).json())
+        response = await self._request("POST", "/v1/beam-expand", body, self._call_headers(episode_id, headers))
+        return BeamExpandResponse.model_validate(response.json())
 
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._request("GET", "/v1/models")).json())

@@ -195,12 +195,12 @@ class RandomChooser:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def rerank(self, task, candidates, aggregate="last", top_n=None):
+    def rerank(self, task, candidates, aggregate="last", top_n=None, episode_id=None):
         order = list(range(len(candidates)))
         self.rng.shuffle(order)
         return SimpleNamespace(results=[SimpleNamespace(index=i, score=0.0) for i in order[:top_n]])
 
-    def beam_expand(self, beams, beam_width):
+    def beam_expand(self, beams, beam_width, episode_id=None):  # episode_id: the SDK's routing header, unused here
         flat = [SimpleNamespace(beam=b, candidate=c, promise=self.rng.random(), progress=0.0)
                 for b, beam in enumerate(beams) for c in range(len(beam["candidates"]))]
         flat.sort(key=lambda s: -s.promise)

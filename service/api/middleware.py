@@ -12,8 +12,8 @@ every configured key (no early exit), and the check runs before any of the body 
 Scoring requests that must be refused anyway (draining, engine dead, too many in progress, queue at its
 bound) are answered before their body is read, so overload costs no parsing, validation or tokenization.
 
-The access log (logger "agentprm.access") writes the request id, method, route template, status,
-latency and token usage; never the body or headers.
+The access log (logger "agentprm.access") writes the request id, the episode id (X-Episode-ID, when
+well-formed), method, route template, status, latency and token usage; never the body or other headers.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ class ServiceMiddleware:
         request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        episode = headers.get(b"x-episode-id", b"").decode("latin-1")  # the SDK's affinity key; logged when safe
+        state["episode_id"] = episode if _SAFE_ID.match(episode) else None
         start = time.perf_counter()
         status_holder = {"status": 500, "started": False}
 
@@ -160,6 +162,8 @@ class ServiceMiddleware:
             return
         fields = {"request_id": request_id, "method": scope.get("method"), "route": route, "status": status,
                   "duration_ms": round(seconds * 1000, 2)}
+        if state.get("episode_id"):
+            fields["episode_id"] = state["episode_id"]
         if route == "unmatched":
             fields["path"] = scope.get("path", "")[:200]
         usage = state.get("usage")
