@@ -61,7 +61,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     raise TimeoutError(f"server at {url} not ready after {timeout}s")
 
 
-def start_server(checkpoint: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, *extra: str, env: dict | None = None,
+                 ready_timeout: float = 60.0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra]
@@ -69,7 +70,7 @@ def start_server(checkpoint: Path, *extra: str, env: dict | None = None) -> tupl
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, ready_timeout)
     except Exception:
         proc.kill()
         output = proc.communicate(timeout=10)[0].decode(errors="replace")

@@ -14,10 +14,9 @@ Needs the nginx binary (Debian package `nginx`; `make install-nginx`); skipped w
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -26,7 +25,7 @@ import pytest
 
 from clients import PRMClient
 from clients.search import beam_search
-from tests.conftest import REPO, free_port, stop_server, wait_ready
+from tests.conftest import REPO, start_server, stop_server
 from tests.reliability.nginx_failover import Nginx, nginx_binary
 
 pytestmark = pytest.mark.skipif(nginx_binary() is None,
@@ -176,21 +175,17 @@ def run_agents(url: str, phase: int, on_call=None) -> Run:
 
 @pytest.fixture(scope="module")
 def replicas():
-    # Started together; a longer wait than start_server's 60 s, since 3 model loads share 2 busy cores.
+    # Started together, with a longer wait than the default 60 s: 3 model loads share 2 busy cores.
+    with ThreadPoolExecutor(REPLICAS) as pool:
+        starts = [pool.submit(start_server, CHECKPOINT, ready_timeout=240) for _ in range(REPLICAS)]
     servers = []
     try:
-        for _ in range(REPLICAS):
-            port = free_port()
-            cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(CHECKPOINT), "--host", "127.0.0.1",
-                   "--port", str(port), "--device", "cpu", "--log-level", "warning"]
-            servers.append((subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-                            f"http://127.0.0.1:{port}"))
-        for proc, url in servers:
-            wait_ready(url, proc, timeout=240)
+        servers = [s.result() for s in starts]
         yield servers
     finally:
-        for proc, _ in servers:
-            stop_server(proc)
+        for s in starts:
+            if s.exception() is None:
+                stop_server(s.result()[0])
 
 
 def test_affinity_keeps_the_cache_hit_ratio_and_survives_a_replica_kill(replicas):
