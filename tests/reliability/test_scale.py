@@ -175,7 +175,7 @@ def run_agents(url: str, phase: int, on_call=None) -> Run:
 
 @pytest.fixture(scope="module")
 def replicas():
-    # Started together, with a longer wait than the default 60 s: 3 model loads share 2 busy cores.
+    # Started together, with a longer wait than the default: 3 model loads share 2 busy cores.
     with ThreadPoolExecutor(REPLICAS) as pool:
         starts = [pool.submit(start_server, CHECKPOINT, ready_timeout=240) for _ in range(REPLICAS)]
     servers = []
