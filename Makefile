@@ -19,7 +19,7 @@ BENCH_ARGS ?=
 # k8s-render: base (GPU nodes) or overlays/cpu.
 K8S_VARIANT ?= base
 
-.PHONY: install serve test test-slow test-vllm fuzz soak test-failover install-nginx bench gpu-check \
+.PHONY: install serve test test-slow test-vllm fuzz soak test-failover test-scale install-nginx bench gpu-check \
 	default-checkpoint eval eval-quick image-test image-clean docker-lint k8s-render clean
 
 $(STAMP): pyproject.toml
@@ -69,6 +69,11 @@ soak: $(STAMP)
 # Two servers behind nginx, one killed under load: no client request lost (about 1 minute). Installs nginx first.
 test-failover: $(STAMP) install-nginx
 	$(BIN)/python -m pytest -q tests/reliability/test_failover.py $(PYTEST_ARGS)
+
+# Three servers (the default checkpoint) behind the shipped affinity nginx, 6 agents x 10 beam-expand calls: hit ratio
+# with affinity, round robin and one replica, then one replica killed mid-run (about 1.5 minutes; also in make test).
+test-scale: $(STAMP) install-nginx
+	$(BIN)/python -m pytest -q -s tests/reliability/test_scale.py $(PYTEST_ARGS)
 
 # nginx (Debian package, a few seconds) where it is missing: needs root and apt-get, fails otherwise.
 # Looks where tests/reliability/nginx_failover.py looks: PATH, /usr/sbin, /usr/local/sbin.

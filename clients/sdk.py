@@ -9,6 +9,12 @@ request's own deadline. Scoring is idempotent, so a retried request can never do
 Proxies: for a loopback base URL (127.0.0.0/8, ::1, localhost) the client ignores HTTP(S)_PROXY and the other
 environment settings (`trust_env=False`), so a cluster-wide proxy variable cannot capture calls to a
 co-located server; for other URLs httpx's default (honour them) stands. `trust_env=` overrides both.
+
+Episode affinity: `episode_id` (per client, or per call, which wins) is sent as the `X-Episode-ID` header so
+that a proxy hashing on it (docker/compose.yaml, docker/k8s/overlays/affinity) sends every call of one agent
+episode to the replica whose prefix cache holds that episode's history; the server writes it to its access
+log. `headers` adds further headers per client or per call. Requests without an episode id work the same,
+they only lose the affinity.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import datetime
 import email.utils
 import ipaddress
 import random
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -30,6 +37,15 @@ from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelLi
 from service.engine.types import DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS
 
 RETRY_STATUS = (429, 502, 503)
+EPISODE_HEADER = "X-Episode-ID"
+# What the server logs and a proxy hashes: short, printable, no separators that could split a log line.
+_EPISODE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+def _check_episode_id(episode_id: str | None) -> str | None:
+    if episode_id is not None and not _EPISODE_ID.match(str(episode_id)):
+        raise ValueError(f"episode_id must be 1-128 characters of A-Z a-z 0-9 . _ : -, got {episode_id!r}")
+    return episode_id
 
 
 class PRMError(Exception):
@@ -149,19 +165,40 @@ class _Retries:
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = DEFAULT_MODEL_ALIAS, max_connections: int = 100, trust_env: bool | None = None):
+                 model: str = DEFAULT_MODEL_ALIAS, max_connections: int = 100, trust_env: bool | None = None,
+                 episode_id: str | None = None, headers: Mapping[str, str] | None = None):
         self.base_url = base_url.rstrip("/")
         self.trust_env = (not is_loopback(self.base_url)) if trust_env is None else trust_env
         # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
         # holds more than max_keepalive_connections in all (busy ones counted), so with its default of 20 a
         # client running more concurrent calls than that reconnected for most of them.
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.headers = dict(headers or {})
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self._episode_id = _check_episode_id(episode_id)
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.model = model
+
+    @property
+    def episode_id(self) -> str | None:
+        """The X-Episode-ID sent on calls that name none; set it to None to send none."""
+        return self._episode_id
+
+    @episode_id.setter
+    def episode_id(self, value: str | None) -> None:
+        self._episode_id = _check_episode_id(value)
+
+    def _call_headers(self, episode_id: str | None, headers: Mapping[str, str] | None) -> dict:
+        """The headers one call adds to the client's: its own, then the episode id (the call's, else the client's)."""
+        extra = dict(headers or {})
+        episode = _check_episode_id(episode_id) or self._episode_id
+        if episode is not None:
+            extra[EPISODE_HEADER] = episode
+        return extra
 
     def _retries(self) -> _Retries:
         return _Retries(self.max_retries, self.backoff_base_s, self.backoff_cap_s)
@@ -184,33 +221,39 @@ class PRMClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None
-                 ) -> httpx.Response:
+    def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None,
+                 headers: Mapping[str, str] | None = None) -> httpx.Response:
         retry = self._retries()
-        while (wait := retry.after(self._attempt(method, path, json, params))) is not None:
+        while (wait := retry.after(self._attempt(method, path, json, params, headers))) is not None:
             time.sleep(wait)
         return retry.response
 
-    def _attempt(self, method: str, path: str, json: Mapping | None, params: Mapping | None = None
-                 ) -> httpx.Response | httpx.TransportError:
+    def _attempt(self, method: str, path: str, json: Mapping | None, params: Mapping | None = None,
+                 headers: Mapping[str, str] | None = None) -> httpx.Response | httpx.TransportError:
         try:
-            return self._http.request(method, path, json=json, params=params)
+            return self._http.request(method, path, json=json, params=params, headers=headers)
         except httpx.TransportError as exc:
             return exc
 
-    def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
+    def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None, *,
+              episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
-        return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
+        response = self._request("POST", "/v1/score", body, headers=self._call_headers(episode_id, headers))
+        return ScoreResponse.model_validate(response.json())
 
     def rerank(self, task: str | None, candidates, aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
-               model: str | None = None, messages: list | None = None) -> RerankResponse:
+               model: str | None = None, messages: list | None = None, *, episode_id: str | None = None,
+               headers: Mapping[str, str] | None = None) -> RerankResponse:
         """Best-of-N: `task` and candidates as step lists, or (task=None) `messages` and candidates as message lists."""
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model, messages)
-        return RerankResponse.model_validate(self._request("POST", "/v1/rerank", body).json())
+        response = self._request("POST", "/v1/rerank", body, headers=self._call_headers(episode_id, headers))
+        return RerankResponse.model_validate(response.json())
 
-    def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
+    def beam_expand(self, beams, beam_width: int, model: str | None = None, *,
+                    episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> BeamExpandResponse:
         body = _expand_body(beams, beam_width, model or self.model)
-        return BeamExpandResponse.model_validate(self._request("POST", "/v1/beam-expand", body).json())
+        response = self._request("POST", "/v1/beam-expand", body, headers=self._call_headers(episode_id, headers))
+        return BeamExpandResponse.model_validate(response.json())
 
     def reward(self, query: list[str], prompts: list[str] | None = None, labels: list | None = None,
                step_format: str | None = None, delimiter: str | None = None, aggregate: str | None = None,
@@ -218,7 +261,8 @@ class PRMClient(_Base):
         """One reward per text (POST /v1/reward, OpenRLHF's format); None settings take the server's defaults."""
         body = {"query": list(query), "prompts": None if prompts is None else list(prompts), "labels": labels}
         params = _reward_params(step_format, delimiter, aggregate, model or self.model)
-        return RewardResponse.model_validate(self._request("POST", "/v1/reward", body, params).json())
+        response = self._request("POST", "/v1/reward", body, params, self._call_headers(None, None))
+        return RewardResponse.model_validate(response.json())
 
     def models(self) -> ModelList:
         return ModelList.model_validate(self._request("GET", "/v1/models").json())
@@ -247,34 +291,40 @@ class AsyncPRMClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None
-                       ) -> httpx.Response:
+    async def _request(self, method: str, path: str, json: Mapping | None = None, params: Mapping | None = None,
+                       headers: Mapping[str, str] | None = None) -> httpx.Response:
         retry = self._retries()
-        while (wait := retry.after(await self._attempt(method, path, json, params))) is not None:
+        while (wait := retry.after(await self._attempt(method, path, json, params, headers))) is not None:
             await asyncio.sleep(wait)
         return retry.response
 
-    async def _attempt(self, method: str, path: str, json: Mapping | None, params: Mapping | None = None
-                       ) -> httpx.Response | httpx.TransportError:
+    async def _attempt(self, method: str, path: str, json: Mapping | None, params: Mapping | None = None,
+                       headers: Mapping[str, str] | None = None) -> httpx.Response | httpx.TransportError:
         try:
-            return await self._http.request(method, path, json=json, params=params)
+            return await self._http.request(method, path, json=json, params=params, headers=headers)
         except httpx.TransportError as exc:
             return exc
 
-    async def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
+    async def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None, *,
+                    episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
-        return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
+        response = await self._request("POST", "/v1/score", body, headers=self._call_headers(episode_id, headers))
+        return ScoreResponse.model_validate(response.json())
 
     async def rerank(self, task: str | None, candidates, aggregate: str = DEFAULT_AGGREGATE,
-                     top_n: int | None = None, model: str | None = None, messages: list | None = None
-                     ) -> RerankResponse:
+                     top_n: int | None = None, model: str | None = None, messages: list | None = None, *,
+                     episode_id: str | None = None, headers: Mapping[str, str] | None = None) -> RerankResponse:
         """Best-of-N: `task` and candidates as step lists, or (task=None) `messages` and candidates as message lists."""
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model, messages)
-        return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())
+        response = await self._request("POST", "/v1/rerank", body, headers=self._call_headers(episode_id, headers))
+        return RerankResponse.model_validate(response.json())
 
-    async def beam_expand(self, beams, beam_width: int, model: str | None = None) -> BeamExpandResponse:
+    async def beam_expand(self, beams, beam_width: int, model: str | None = None, *, episode_id: str | None = None,
+                          headers: Mapping[str, str] | None = None) -> BeamExpandResponse:
         body = _expand_body(beams, beam_width, model or self.model)
-        return BeamExpandResponse.model_validate((await self._request("POST", "/v1/beam-expand", body)).json())
+        response = await self._request("POST", "/v1/beam-expand", body,
+                                       headers=self._call_headers(episode_id, headers))
+        return BeamExpandResponse.model_validate(response.json())
 
     async def reward(self, query: list[str], prompts: list[str] | None = None, labels: list | None = None,
                      step_format: str | None = None, delimiter: str | None = None, aggregate: str | None = None,
@@ -282,7 +332,8 @@ class AsyncPRMClient(_Base):
         """One reward per text (POST /v1/reward, OpenRLHF's format); None settings take the server's defaults."""
         body = {"query": list(query), "prompts": None if prompts is None else list(prompts), "labels": labels}
         params = _reward_params(step_format, delimiter, aggregate, model or self.model)
-        return RewardResponse.model_validate((await self._request("POST", "/v1/reward", body, params)).json())
+        response = await self._request("POST", "/v1/reward", body, params, self._call_headers(None, None))
+        return RewardResponse.model_validate(response.json())
 
     async def models(self) -> ModelList:
         return ModelList.model_validate((await self._request("GET", "/v1/models")).json())

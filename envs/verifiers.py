@@ -40,12 +40,12 @@ class RandomChooser:
     def score_action(self, action: str) -> float:
         return self.rng.random()
 
-    def rerank(self, task, candidates, aggregate="last", top_n=None):
+    def rerank(self, task, candidates, aggregate="last", top_n=None, episode_id=None):
         order = list(range(len(candidates)))
         self.rng.shuffle(order)
         return SimpleNamespace(results=[SimpleNamespace(index=i, score=0.0) for i in order[:top_n]])
 
-    def beam_expand(self, beams, beam_width):
+    def beam_expand(self, beams, beam_width, episode_id=None):  # episode_id: the SDK's routing header, unused
         scored = [[SimpleNamespace(promise=self.score_action(a), progress=0.0) for a in beam["candidates"]]
                   for beam in beams]
         flat = [SimpleNamespace(beam=b, candidate=c, promise=s.promise, progress=0.0)

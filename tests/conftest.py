@@ -38,13 +38,15 @@ def trajectory_json(task: str, n_steps: int, seed: int = 0) -> dict:
     return {"task": t.task, "steps": [{"observation": s.observation, "action": s.action} for s in t.steps]}
 
 
+# ready_timeout: a model load took 108 s on the shared 2-core machine at a load average of 12 (2026-12-02).
 def start_server(checkpoint: Path, *extra: str, env: dict | None = None,
-                 module: tuple[str, ...] = (SERVER_MODULE,)) -> tuple[subprocess.Popen, str]:
+                 module: tuple[str, ...] = (SERVER_MODULE,), ready_timeout: float = 180.0
+                 ) -> tuple[subprocess.Popen, str]:
     """`agentprm serve` of this tree (clients.local_server); its output stays on proc.stdout for the test."""
     port = free_port()
     server = ServerProcess(serve_command(port, checkpoint, *extra, module=module), f"http://127.0.0.1:{port}",
                            env={**os.environ, **(env or {})}, pipe_output=True)
-    server.start(timeout_s=60.0)
+    server.start(timeout_s=ready_timeout)
     return server.proc, server.url
 
 

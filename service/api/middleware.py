@@ -13,7 +13,8 @@
    missing Content-Length still cannot exceed it.
 
 Plain ASGI (not BaseHTTPMiddleware) for the streaming body limit. The access log (logger "agentprm.access")
-writes the request id, method, route template, status, latency and token usage; never the body or headers.
+writes the request id, the episode id (X-Episode-ID, when well-formed), method, route template, status, latency
+and token usage; never the body or other headers.
 """
 
 from __future__ import annotations
@@ -62,10 +63,13 @@ class ObservedRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        episode = headers.get(b"x-episode-id", b"").decode("latin-1")  # the SDK's affinity key; logged when safe
+        state["episode_id"] = episode if _SAFE_ID.match(episode) else None
         start = time.perf_counter()
         response = {"status": 500, "started": False}
 
@@ -101,6 +105,8 @@ class ObservedRequests:
             return
         fields = {"request_id": request_id, "method": scope.get("method"), "route": route, "status": status,
                   "duration_ms": round(seconds * 1000, 2)}
+        if state.get("episode_id"):
+            fields["episode_id"] = state["episode_id"]
         if route == "unmatched":
             fields["path"] = scope.get("path", "")[:200]
         usage = state.get("usage")

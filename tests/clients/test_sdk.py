@@ -133,3 +133,64 @@ def test_reward_method_sync_and_async(live_server):
 
     assert sync.rewards[0] == pytest.approx(scored.results[0].steps[0].progress, abs=1e-6)
     assert asyncio.run(go()).rewards[0] == pytest.approx(scored.results[0].score, abs=1e-6)
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """Passes requests to the live server and keeps the headers each one carried."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent: list[httpx.Headers] = []
+
+    def handle_request(self, request):
+        self.sent.append(request.headers)
+        return super().handle_request(request)
+
+
+def test_episode_id_and_extra_headers_per_client_and_per_call(live_server):
+    traj = trajectory_json("go to the red ball", 2)
+    wire = RecordingTransport()
+    with PRMClient(live_server, transport=wire, episode_id="ep-client", headers={"X-Tenant": "a"}) as client:
+        plain = client.score([traj]).results[0].score
+        client.score([traj], episode_id="ep-call", headers={"X-Trace": "t1"})
+        client.episode_id = None
+        anonymous = client.score([traj]).results[0].score  # no episode id: still served, same answer
+    first, second, third = wire.sent
+    assert first["x-episode-id"] == "ep-client" and first["x-tenant"] == "a" and "x-trace" not in first
+    assert second["x-episode-id"] == "ep-call" and second["x-trace"] == "t1" and second["x-tenant"] == "a"
+    assert "x-episode-id" not in third
+    assert abs(plain - anonymous) < 1e-6
+
+
+def test_a_malformed_episode_id_is_refused_before_sending():
+    def handler(request):
+        raise AssertionError("nothing should be sent")
+
+    with pytest.raises(ValueError, match="episode_id"):
+        PRMClient("http://127.0.0.1:1", episode_id="has space")
+    with PRMClient("http://127.0.0.1:1", transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ValueError, match="episode_id"):
+            client.score([trajectory_json("t", 1)], episode_id="line\nbreak")
+        with pytest.raises(ValueError, match="episode_id"):
+            client.episode_id = "x" * 129
+
+
+def test_async_client_sends_the_episode_id(live_server):
+    seen = []
+
+    class Recording(httpx.AsyncHTTPTransport):
+        async def handle_async_request(self, request):
+            seen.append(request.headers.get("x-episode-id"))
+            return await super().handle_async_request(request)
+
+    traj = trajectory_json("go to the red ball", 2)
+    beams = [{"trajectory": traj, "observation": "a ball", "candidates": ["move forward", "turn left"]}]
+
+    async def main():
+        async with AsyncPRMClient(live_server, transport=Recording(), episode_id="ep-a") as client:
+            await client.score([traj])
+            await client.beam_expand(beams, beam_width=1, episode_id="ep-b")
+            await client.rerank("t", [traj["steps"]], headers={"X-Episode-ID": "ignored"}, episode_id="ep-c")
+
+    asyncio.run(main())
+    assert seen == ["ep-a", "ep-b", "ep-c"]
