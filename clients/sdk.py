@@ -3,7 +3,9 @@
 Retries: connection errors (refused, reset, timed out), 429 (queue full), 502 (a proxy whose upstream
 died mid-request) and 503 (not ready, draining) are retried with exponential backoff and jitter,
 honouring Retry-After (seconds or an HTTP date, capped by `backoff_cap_s`), up to `max_retries` times;
-every other error is raised at once as `PRMError(message, code, type)`. 504 is not retried: it is the
+every other error is raised at once as `PRMError(message, code, type)`. A server that cannot be reached
+(refused, reset, timed out) after the retries raises `PRMConnectionError`, a `PRMError` with code 0, type
+`connection_error` and the URL in its message; the httpx error is its `__cause__`. 504 is not retried: it is the
 request's own deadline. Scoring is idempotent, so a retried request can never double-count anything.
 """
 
@@ -31,6 +33,21 @@ class PRMError(Exception):
         self.message = message
         self.code = code
         self.type = type
+
+
+class PRMConnectionError(PRMError):
+    """The server could not be reached (connection refused or reset, timeout); `url` is what was asked."""
+
+    def __init__(self, url: str, cause: Exception):
+        reason = str(cause) or type(cause).__name__
+        super().__init__(f"cannot reach {url}: {reason}", 0, "connection_error")
+        self.url = url
+
+
+def _unreachable(client: httpx.Client | httpx.AsyncClient, path: str, exc: httpx.TransportError):
+    request = getattr(exc, "_request", None)  # set by httpx when the error belongs to a request
+    url = str(request.url) if request is not None else f"{client.base_url}{path.lstrip('/')}"
+    return PRMConnectionError(url, exc)
 
 
 def _error_from(response: httpx.Response) -> PRMError:
@@ -128,9 +145,9 @@ class PRMClient(_Base):
                     return response
                 if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
                     raise _error_from(response)
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if attempt == self.max_retries:
-                    raise
+                    raise _unreachable(self._http, path, exc) from exc
             time.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
         raise AssertionError("unreachable")
 
@@ -183,9 +200,9 @@ class AsyncPRMClient(_Base):
                     return response
                 if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
                     raise _error_from(response)
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if attempt == self.max_retries:
-                    raise
+                    raise _unreachable(self._http, path, exc) from exc
             await asyncio.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
         raise AssertionError("unreachable")
 

@@ -18,6 +18,7 @@ latency and token usage; never the body or headers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -41,6 +42,17 @@ def error_body(code: int, type_: str, message: str) -> bytes:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _route_template(scope) -> str | None:
+    """The route template a request would reach (for the metrics label of a request refused before routing)."""
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        if route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", None)
+    return None
 
 
 class ServiceMiddleware:
@@ -121,6 +133,7 @@ class ServiceMiddleware:
             if self.keys and path not in self.public_paths:
                 ok, why = self._authorized(headers)
                 if not ok:
+                    early_route = _route_template(scope)
                     await respond(401, "unauthorized", why, [(b"www-authenticate", b'Bearer realm="agentprm"')])
                     return
             if self.state is not None and scope.get("method") == "POST" and path in SCORING_PATHS:
@@ -136,6 +149,13 @@ class ServiceMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             await respond(413, "payload_too_large", too_large)
+        except asyncio.CancelledError:
+            # A forced stop (drain timeout, second signal, engine death) cancels the requests still running.
+            # They get the JSON error shape, not uvicorn's text/plain 500 and a logged traceback; the task ends
+            # here instead of re-raising because the server is going away and nothing waits on it.
+            if not status_holder["started"] and not rejected:
+                await respond(503, "shutting_down", "the server is shutting down and cancelled this request; "
+                              "retry it (on another replica)", [(b"retry-after", b"1")])
         except Exception:
             if rejected:
                 return
