@@ -215,6 +215,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_model_init_random(args) -> int:
+    if Path(args.out).exists() and not args.overwrite:  # before torch and transformers load: fails at once
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
     from model_store.export import init_random
 
     command = "agentprm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
