@@ -22,6 +22,7 @@ anything is served.)
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -87,6 +88,22 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True
             return
         self.state.begin_drain()
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn's forced exit leaves the request tasks and the lifespan to asyncio.run's final cancellation,
+            # which logs the lifespan's CancelledError as a traceback. End them here instead: the requests answer
+            # 503 shutting_down (service.api.middleware), then the lifespan stops the engine. Bounded: at once.
+            tasks = list(self.server_state.tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            try:
+                await asyncio.wait_for(self.lifespan.shutdown(), timeout=5.0)
+            except asyncio.TimeoutError:
+                log.error("the engine did not stop within 5 s of a forced exit")
 
     async def on_tick(self, counter: int) -> bool:
         if not self.should_exit:
