@@ -79,7 +79,7 @@ def test_serve_flags_fall_back_to_environment(monkeypatch):
     assert settings.max_wait_ms == 7.5 and settings.port == 9100  # flag beats env, env beats default
 
 
-def agentprm(*args: str, cwd, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def agentprm(*args: str, cwd, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """The installed `agentprm` script (what a user runs), from `cwd`."""
     script = Path(sys.executable).with_name("agentprm")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
@@ -120,7 +120,7 @@ def test_names_and_paths_behave_the_same_outside_the_repository(tmp_path):
                             cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, timeout=180)  # a busy shared machine can take a minute to import and load
         body = {"trajectories": [trajectory_json("go to the red ball", 2)]}
         codes = {name: httpx.post(f"{url}/v1/score", json={**body, "model": name}, timeout=30).status_code
                  for name in ("noname:1", "noname", "pvm-prm:1", "pvm-prm", "default", "other:1")}

@@ -70,7 +70,7 @@ def clean_env(**extra: str) -> dict:
 
 def run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([*agentprm_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 def test_every_setting_refuses_a_bad_value_with_one_line_and_exit_2(tiny_checkpoint, tmp_path):
