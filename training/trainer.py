@@ -21,7 +21,9 @@ trains the final step toward the outcome, so it compares methods fairly): after 
 without improvement training stops, and the best weights are restored. Every process evaluates the whole
 validation set (identical results, identical stopping decisions).
 
-Precision: fp32 on CPU; fp32 weights with bf16 autocast on GPU. Seeds: python, numpy, torch.
+Precision (`precision`, training.precision): fp32, or fp32 weights with bf16 autocast for the backbone's
+matmuls ("auto": on a GPU, and on a CPU whose bf16 matmuls measure faster than fp32); the value head's
+output, the targets and the loss stay fp32. Seeds: python, numpy, torch.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from service.engine.prm import PRMModel
 from service.engine.render import Renderer
 from training.data import Record
 from training.losses import batch_loss_terms, term_counts
+from training.precision import resolve_precision
 
 
 # -- configuration and data ----------------------------------------------------------------------------------
@@ -62,6 +65,7 @@ class TrainConfig:
     lam: float = 0.95
     patience: int = 5
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    precision: str = "fp32"  # fp32 | bf16 | auto (training.precision)
     max_steps: int | None = None
     seed: int = 0
     success_above: float = 0.0
@@ -244,6 +248,7 @@ class Trainer:
         self.device = torch.device(device)
         self.pad_id = pad_id
         self.model = model.to(self.device)  # the plain module (evaluation, export)
+        self.precision = resolve_precision(config.precision, self.device)
         self.ddp: nn.Module = self.model
         if dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -252,8 +257,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- evaluation --------------------------------------------------------------------------------------
