@@ -23,6 +23,7 @@ import httpx
 
 from service.api.protocol import (BeamExpandRequest, BeamExpandResponse, ModelList, RerankRequest, RerankResponse,
                                   ScoreRequest, ScoreResponse)
+from service.engine.types import DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS
 
 RETRY_STATUS = (429, 502, 503)
 
@@ -44,10 +45,9 @@ class PRMConnectionError(PRMError):
         self.url = url
 
 
-def _unreachable(client: httpx.Client | httpx.AsyncClient, path: str, exc: httpx.TransportError):
+def _unreachable(exc: httpx.TransportError) -> PRMConnectionError:
     request = getattr(exc, "_request", None)  # set by httpx when the error belongs to a request
-    url = str(request.url) if request is not None else f"{client.base_url}{path.lstrip('/')}"
-    return PRMConnectionError(url, exc)
+    return PRMConnectionError(str(request.url) if request is not None else "the server", exc)
 
 
 def _error_from(response: httpx.Response) -> PRMError:
@@ -102,10 +102,37 @@ def _expand_body(beams, beam_width, model) -> dict:
                                              "beams": _as_dicts(beams)}).model_dump()
 
 
+class _Retries:
+    """The retry policy of one request, shared by the sync and async clients (module docstring)."""
+
+    def __init__(self, max_retries: int, base_s: float, cap_s: float):
+        self.max_retries, self.base_s, self.cap_s = max_retries, base_s, cap_s
+        self.attempt = 0
+        self.response: httpx.Response | None = None
+
+    def after(self, outcome: httpx.Response | httpx.TransportError) -> float | None:
+        """Seconds to wait before the next attempt, or None when `self.response` is the answer; raises
+        PRMConnectionError or the PRMError when no retry is left or the status is not retryable."""
+        attempt, self.attempt = self.attempt, self.attempt + 1
+        last = attempt == self.max_retries
+        response = None
+        if isinstance(outcome, httpx.TransportError):
+            if last:
+                raise _unreachable(outcome) from outcome
+        else:
+            response = outcome
+            if response.status_code < 400:
+                self.response = response
+                return None
+            if response.status_code not in RETRY_STATUS or last:
+                raise _error_from(response)
+        return _backoff(attempt, response, self.base_s, self.cap_s)
+
+
 class _Base:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0,
                  max_retries: int = 3, backoff_base_s: float = 0.2, backoff_cap_s: float = 10.0,
-                 model: str = "default", max_connections: int = 100):
+                 model: str = DEFAULT_MODEL_ALIAS, max_connections: int = 100):
         self.base_url = base_url.rstrip("/")
         # As many kept-alive connections as open ones: httpcore 1.0 closes every idle connection while the pool
         # holds more than max_keepalive_connections in all (busy ones counted), so with its default of 20 a
@@ -117,6 +144,9 @@ class _Base:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.model = model
+
+    def _retries(self) -> _Retries:
+        return _Retries(self.max_retries, self.backoff_base_s, self.backoff_cap_s)
 
 
 class PRMClient(_Base):
@@ -137,25 +167,22 @@ class PRMClient(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
-        for attempt in range(self.max_retries + 1):
-            response = None
-            try:
-                response = self._http.request(method, path, json=json)
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
-                    raise _error_from(response)
-            except httpx.TransportError as exc:
-                if attempt == self.max_retries:
-                    raise _unreachable(self._http, path, exc) from exc
-            time.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
-        raise AssertionError("unreachable")
+        retry = self._retries()
+        while (wait := retry.after(self._attempt(method, path, json))) is not None:
+            time.sleep(wait)
+        return retry.response
 
-    def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    def _attempt(self, method: str, path: str, json: Mapping | None) -> httpx.Response | httpx.TransportError:
+        try:
+            return self._http.request(method, path, json=json)
+        except httpx.TransportError as exc:
+            return exc
+
+    def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate(self._request("POST", "/v1/score", body).json())
 
-    def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
+    def rerank(self, task: str, candidates, aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
                model: str | None = None) -> RerankResponse:
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
         return RerankResponse.model_validate(self._request("POST", "/v1/rerank", body).json())
@@ -192,25 +219,22 @@ class AsyncPRMClient(_Base):
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, json: Mapping | None = None) -> httpx.Response:
-        for attempt in range(self.max_retries + 1):
-            response = None
-            try:
-                response = await self._http.request(method, path, json=json)
-                if response.status_code < 400:
-                    return response
-                if response.status_code not in RETRY_STATUS or attempt == self.max_retries:
-                    raise _error_from(response)
-            except httpx.TransportError as exc:
-                if attempt == self.max_retries:
-                    raise _unreachable(self._http, path, exc) from exc
-            await asyncio.sleep(_backoff(attempt, response, self.backoff_base_s, self.backoff_cap_s))
-        raise AssertionError("unreachable")
+        retry = self._retries()
+        while (wait := retry.after(await self._attempt(method, path, json))) is not None:
+            await asyncio.sleep(wait)
+        return retry.response
 
-    async def score(self, trajectories, aggregate: str = "last", model: str | None = None) -> ScoreResponse:
+    async def _attempt(self, method: str, path: str, json: Mapping | None) -> httpx.Response | httpx.TransportError:
+        try:
+            return await self._http.request(method, path, json=json)
+        except httpx.TransportError as exc:
+            return exc
+
+    async def score(self, trajectories, aggregate: str = DEFAULT_AGGREGATE, model: str | None = None) -> ScoreResponse:
         body = _score_body(trajectories, aggregate, model or self.model)
         return ScoreResponse.model_validate((await self._request("POST", "/v1/score", body)).json())
 
-    async def rerank(self, task: str, candidates, aggregate: str = "last", top_n: int | None = None,
+    async def rerank(self, task: str, candidates, aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
                      model: str | None = None) -> RerankResponse:
         body = _rerank_body(task, candidates, aggregate, top_n, model or self.model)
         return RerankResponse.model_validate((await self._request("POST", "/v1/rerank", body)).json())

@@ -1,4 +1,4 @@
-"""Every request and response model of the HTTP API (DESIGN §5), in one place.
+"""Every request and response model of the HTTP API (the contract in README.md; docs/ARCHITECTURE.md, "One request"), in one place.
 
 Request models convert themselves into engine parameters (`to_engine`); response models build themselves
 from engine outputs (`from_engine`). Field names are the contract that clients and adapters rely on.
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.engine import types as E
 
-Aggregate = Literal["last", "min", "mean", "prod"]
+Aggregate = Literal[E.AGGREGATES]
 
 
 def _timeout_field():
@@ -40,9 +40,9 @@ class TrajectoryIn(_In):
 
 
 class ScoreRequest(_In):
-    model: str = "default"
+    model: str = E.DEFAULT_MODEL_ALIAS
     trajectories: list[TrajectoryIn] = Field(min_length=1)
-    aggregate: Aggregate = "last"
+    aggregate: Aggregate = E.DEFAULT_AGGREGATE
     timeout_s: float | None = _timeout_field()
 
 
@@ -78,9 +78,13 @@ class ScoreResponse(BaseModel):
 
     @classmethod
     def from_engine(cls, out: E.ScoreOutput) -> "ScoreResponse":
-        return cls(model=out.model, usage=Usage.from_engine(out.usage), results=[
-            TrajectoryResult(score=r.score, initial_value=r.initial_value,
-                             steps=[StepOut.from_engine(s) for s in r.steps]) for r in out.results])
+        return cls(model=out.model, usage=Usage.from_engine(out.usage),
+                   results=[cls.result_from_engine(r) for r in out.results])
+
+    @staticmethod
+    def result_from_engine(r: E.TrajectoryScore) -> TrajectoryResult:
+        return TrajectoryResult(score=r.score, initial_value=r.initial_value,
+                                steps=[StepOut.from_engine(s) for s in r.steps])
 
 
 class CandidateIn(_In):
@@ -88,10 +92,10 @@ class CandidateIn(_In):
 
 
 class RerankRequest(_In):
-    model: str = "default"
+    model: str = E.DEFAULT_MODEL_ALIAS
     task: str
     candidates: list[CandidateIn] = Field(min_length=1)
-    aggregate: Aggregate = "last"
+    aggregate: Aggregate = E.DEFAULT_AGGREGATE
     top_n: int | None = Field(default=None, ge=1, description="Return only the best top_n candidates")
     timeout_s: float | None = _timeout_field()
 
@@ -106,16 +110,13 @@ class RerankResult(BaseModel):
     steps: list[StepOut]
 
 
-class RerankResponse(BaseModel):
-    model: str
+class RerankResponse(ScoreResponse):
     results: list[RerankResult]
-    usage: Usage
 
-    @classmethod
-    def from_engine(cls, out: E.RerankOutput) -> "RerankResponse":
-        return cls(model=out.model, usage=Usage.from_engine(out.usage), results=[
-            RerankResult(index=r.index, score=r.score, initial_value=r.initial_value,
-                         steps=[StepOut.from_engine(s) for s in r.steps]) for r in out.results])
+    @staticmethod
+    def result_from_engine(r: E.RankedCandidate) -> RerankResult:
+        return RerankResult(index=r.index, score=r.score, initial_value=r.initial_value,
+                            steps=[StepOut.from_engine(s) for s in r.steps])
 
 
 class BeamIn(_In):
@@ -128,7 +129,7 @@ class BeamIn(_In):
 
 
 class BeamExpandRequest(_In):
-    model: str = "default"
+    model: str = E.DEFAULT_MODEL_ALIAS
     beam_width: int = Field(ge=1, description="How many (beam, candidate) pairs survive")
     beams: list[BeamIn] = Field(min_length=1)
     timeout_s: float | None = _timeout_field()
