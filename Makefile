@@ -19,14 +19,43 @@ BENCH_ARGS ?=
 # k8s-render: base (GPU nodes) or overlays/cpu.
 K8S_VARIANT ?= base
 
-.PHONY: install serve test test-slow test-vllm fuzz soak test-failover test-scale install-nginx bench gpu-check \
+.PHONY: install install-torch serve test test-slow test-vllm fuzz soak test-failover test-scale install-nginx bench gpu-check \
 	default-checkpoint eval eval-quick image-test image-clean docker-lint k8s-render clean
+
+# PyTorch first, by what the machine has: with an NVIDIA driver (`nvidia-smi` on PATH, or /proc/driver/nvidia/version)
+# the project's own `pip install` takes PyPI's torch, the CUDA build. Without one, torch==$(TORCH_VERSION)+cpu comes
+# from PyTorch's CPU index first, so pip never fetches the multi-GB CUDA build; if that index does not answer within
+# 10 s, it says so and leaves torch to the configured index. TORCH_FLAVOUR=cpu|cuda overrides the detection.
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_FLAVOUR ?= auto
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(MAKE) --no-print-directory install-torch
 	$(BIN)/python -m pip install --quiet -e '.[dev,envs]'
 	touch $(STAMP)
+
+install-torch:
+	@flavour=$(TORCH_FLAVOUR); \
+	if [ "$$flavour" = auto ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1 || [ -e /proc/driver/nvidia/version ]; then flavour=cuda; else flavour=cpu; fi; \
+	  echo "install-torch: NVIDIA driver $$([ $$flavour = cuda ] && echo found || echo 'not found'): $$flavour build of torch"; \
+	fi; \
+	if $(BIN)/python -m pip show torch >/dev/null 2>&1; then \
+	  echo "install-torch: torch $$($(BIN)/python -m pip show torch | sed -n 's/^Version: //p') is already installed"; \
+	elif [ "$$flavour" = cuda ]; then \
+	  echo "install-torch: the CUDA build comes from PyPI with the project's dependencies"; \
+	elif $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" \
+	    >/dev/null 2>&1; then \
+	  echo "install-torch: installing torch==$(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX)"; \
+	  $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) \
+	    --extra-index-url https://pypi.org/simple; \
+	else \
+	  echo "install-torch: $(TORCH_CPU_INDEX) cannot be reached; torch==$(TORCH_VERSION) comes from pip's configured" \
+	    "index instead (PyPI's is the CUDA build; set TORCH_CPU_INDEX to a reachable CPU wheel index)" >&2; \
+	fi
 
 install: $(STAMP)
 
@@ -138,6 +167,8 @@ image-clean:
 # package prometheus, not installed by the project).
 docker-lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
+	@command -v promtool >/dev/null || { echo "docker-lint: promtool is not installed; install it with" \
+	  "'apt-get install prometheus' (Debian; 332 MB) or from https://prometheus.io/download/" >&2; exit 1; }
 	promtool check rules docker/prometheus/alerts.yml
 	promtool test rules docker/prometheus/alerts_test.yml
 

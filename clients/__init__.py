@@ -1,5 +1,5 @@
 """Python SDK for AgentPRM Serve: `PRMClient` (sync) and `AsyncPRMClient` (async), over httpx."""
 
-from clients.sdk import AsyncPRMClient, PRMClient, PRMError
+from clients.sdk import AsyncPRMClient, PRMClient, PRMConnectionError, PRMError
 
-__all__ = ["PRMClient", "AsyncPRMClient", "PRMError"]
+__all__ = ["PRMClient", "AsyncPRMClient", "PRMError", "PRMConnectionError"]

@@ -3,7 +3,9 @@
 Retries: connection errors (refused, reset, timed out), 429 (queue full), 502 (a proxy whose upstream
 died mid-request) and 503 (not ready, draining) are retried with exponential backoff and jitter,
 honouring Retry-After (seconds or an HTTP date, capped by `backoff_cap_s`), up to `max_retries` times;
-every other error is raised at once as `PRMError(message, code, type)`. 504 is not retried: it is the
+every other error is raised at once as `PRMError(message, code, type)`. A server that cannot be reached
+(refused, reset, timed out) after the retries raises `PRMConnectionError`, a `PRMError` with code 0, type
+`connection_error` and the URL in its message; the httpx error is its `__cause__`. 504 is not retried: it is the
 request's own deadline. Scoring is idempotent, so a retried request can never double-count anything.
 
 Proxies: for a loopback base URL (127.0.0.0/8, ::1, localhost) the client ignores HTTP(S)_PROXY and the other
@@ -54,6 +56,20 @@ class PRMError(Exception):
         self.message = message
         self.code = code
         self.type = type
+
+
+class PRMConnectionError(PRMError):
+    """The server could not be reached (connection refused or reset, timeout); `url` is what was asked."""
+
+    def __init__(self, url: str, cause: Exception):
+        reason = str(cause) or type(cause).__name__
+        super().__init__(f"cannot reach {url}: {reason}", 0, "connection_error")
+        self.url = url
+
+
+def _unreachable(exc: httpx.TransportError) -> PRMConnectionError:
+    request = getattr(exc, "_request", None)  # set by httpx when the error belongs to a request
+    return PRMConnectionError(str(request.url) if request is not None else "the server", exc)
 
 
 def _error_from(response: httpx.Response) -> PRMError:
@@ -144,14 +160,14 @@ class _Retries:
         self.response: httpx.Response | None = None
 
     def after(self, outcome: httpx.Response | httpx.TransportError) -> float | None:
-        """Seconds to wait before the next attempt, or None when `self.response` is the answer; raises the
-        transport error or the PRMError when no retry is left or the status is not retryable."""
+        """Seconds to wait before the next attempt, or None when `self.response` is the answer; raises
+        PRMConnectionError or the PRMError when no retry is left or the status is not retryable."""
         attempt, self.attempt = self.attempt, self.attempt + 1
         last = attempt == self.max_retries
         response = None
         if isinstance(outcome, httpx.TransportError):
             if last:
-                raise outcome
+                raise _unreachable(outcome) from outcome
         else:
             response = outcome
             if response.status_code < 400:

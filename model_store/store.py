@@ -67,7 +67,8 @@ class ModelStore:
         base = self.root / name
         if not base.is_dir():
             known = sorted({e.name for e in self.entries()})
-            raise CheckpointError(f"no model named {name!r} in store {self.root} (known: {', '.join(known) or 'none'})")
+            raise CheckpointError(f"no model named {name!r} in store {self.root} (known: {', '.join(known) or 'none'}); "
+                                  "--store DIR (AGENTPRM_STORE) names another store, or pass a checkpoint's path")
         if version:
             path = base / version
             if not (path / MANIFEST_FILE).is_file():

@@ -24,12 +24,47 @@ class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, where to look) and exit code 2, like every
+    other error a user can cause."""
+
+    def error(self, message: str):
+        self.exit(2, f"agentprm: error: {message} (see '{self.prog} --help')\n")
+
+
 def _settings_from_args(args) -> "ServerSettings":
-    from service.settings import ServerSettings
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from service.settings import ServerSettings, settings_error
 
     fields = ServerSettings.model_fields
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return ServerSettings(**overrides)
+    try:
+        return ServerSettings(**overrides)
+    except ValidationError as exc:
+        raise UserError(settings_error(exc, set(overrides))) from None
+    except SettingsError as exc:  # an environment variable pydantic-settings could not even parse
+        raise UserError(f"invalid setting: {exc}") from None
+
+
+def resolve_model(ref: str, store: str | None) -> tuple[Path, tuple[str, ...]]:
+    """The checkpoint a user's reference names, and the names requests may use for it: 'default', the
+    reference exactly as typed, and for a store reference both `name` and `name:version` of the folder it
+    resolved to (whatever name the manifest records). `default` names the default model."""
+    from model_store.manifest import MANIFEST_FILE
+    from model_store.store import resolve_checkpoint
+    from service.settings import DEFAULT_MODEL
+
+    typed = str(ref)
+    is_path = (Path(typed).expanduser() / MANIFEST_FILE).is_file()
+    if typed == "default" and not is_path:
+        ref = DEFAULT_MODEL
+    path = resolve_checkpoint(ref, store)
+    aliases = ["default", typed]
+    if not is_path:
+        aliases += [path.parent.name, f"{path.parent.name}:{path.name}"]
+    return path, tuple(dict.fromkeys(aliases))
 
 
 def _add_server_flags(p: argparse.ArgumentParser, serve: bool = True) -> None:
@@ -51,23 +86,48 @@ def _add_server_flags(p: argparse.ArgumentParser, serve: bool = True) -> None:
 
 
 def build_engine(settings):
-    from model_store.store import resolve_checkpoint
+    import dataclasses
+
     from service.engine.engine import PRMEngine
 
-    path = resolve_checkpoint(settings.model, settings.store)
-    return PRMEngine.from_checkpoint(path, settings.engine_config())
+    path, aliases = resolve_model(settings.model, settings.store)
+    engine = PRMEngine.from_checkpoint(path, settings.engine_config())
+    engine.info = dataclasses.replace(engine.info, aliases=aliases)
+    return engine
+
+
+def check_config(settings) -> int:
+    """`serve --check-config`: every setting, the key file and the checkpoint's checksums, without loading
+    the model or binding the port. Exit 0 and one line when all is well; errors exit 2 as usual."""
+    from model_store.store import verify_checkpoint
+
+    try:
+        keys = settings.api_keys()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    path, aliases = resolve_model(settings.model, settings.store)
+    manifest = verify_checkpoint(path)
+    print(f"agentprm: config ok: would serve {manifest.ref} from {path} (also as {', '.join(aliases)}) on "
+          f"http://{settings.host}:{settings.port}, device {settings.device}, "
+          f"auth {'on' if keys else 'off'}")
+    return 0
 
 
 def cmd_serve(args) -> int:
-    """Verify and load the checkpoint (all or nothing: refused before the port is bound), then serve until
-    drained (exit 0), the engine dies (3), or the drain times out (4); see service.api.server."""
+    """Verify and load the checkpoint (all or nothing: refused before the port is bound), bind the port, then
+    announce and serve until drained (exit 0), the engine dies (3), the drain times out (4) or a second
+    signal forces the stop (5); see service.api.server. A port that cannot be bound exits 1."""
     import logging
 
     from service import logs
-    from service.api.app import ApiConfig, create_app
-    from service.api.server import serve
 
     settings = _settings_from_args(args)
+    if args.check_config:  # before the HTTP stack is imported: a check takes a fraction of a second
+        return check_config(settings)
+
+    from service.api.app import ApiConfig, create_app
+    from service.api.server import EXIT_START_FAILED, BindError, bind_socket, serve
+
     logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("agentprm.server")
     try:
@@ -75,10 +135,16 @@ def cmd_serve(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     engine = build_engine(settings)
+    try:  # bind before announcing: a port in use is one line and exit 1, never a banner then errno text
+        sock = bind_socket(settings.host, settings.port)
+    except BindError as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
+    port = sock.getsockname()[1]  # the real port, also when --port 0 let the system pick one
     if not api_config.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach the port can use it "
                     "(set --api-key-file or AGENTPRM_API_KEY)", settings.host)
-    banner = (f"serving {engine.info.ref} on http://{settings.host}:{settings.port} (device {engine.device}, "
+    banner = (f"serving {engine.info.ref} on http://{settings.host}:{port} (device {engine.device}, "
               f"max_batch_tokens {settings.max_batch_tokens}, max_wait_ms {settings.max_wait_ms}, "
               f"auth {'on' if api_config.api_keys else 'off'})")
     if settings.log_format == "json":
@@ -86,7 +152,8 @@ def cmd_serve(args) -> int:
     else:
         print(f"agentprm: {banner}", flush=True)
     app = create_app(engine, engine.metrics, api_config)
-    return serve(app, settings.host, settings.port, settings.log_level, settings.drain_timeout_s, settings.keep_alive_s)
+    return serve(app, settings.host, port, settings.log_level, settings.drain_timeout_s, settings.keep_alive_s,
+                 sock=sock)
 
 
 def _read_jsonl_trajectories(path: Path):
@@ -102,10 +169,14 @@ def _read_jsonl_trajectories(path: Path):
             if not line.strip():
                 continue
             try:
-                out.append(TrajectoryIn.model_validate_json(line).to_engine())
+                raw = json.loads(line.strip())  # stripped: a column past the line's end would read as "line 2"
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            try:
+                out.append(TrajectoryIn.model_validate(raw).to_engine())
             except ValidationError as exc:
                 err = exc.errors()[0]
-                where = ".".join(str(p) for p in err["loc"]) or "line"
+                where = ".".join(str(p) for p in err["loc"]) or "trajectory"
                 raise UserError(f"{path}:{line_no}: {where}: {err['msg']}") from None
             if not out[-1].steps:
                 raise UserError(f"{path}:{line_no}: trajectory has no steps")
@@ -145,6 +216,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_model_init_random(args) -> int:
+    if Path(args.out).exists() and not args.overwrite:  # before torch and transformers load: fails at once
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)")
     from model_store.export import init_random
 
     command = "agentprm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -153,8 +226,8 @@ def cmd_model_init_random(args) -> int:
                                hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                                intermediate=args.intermediate, vocab=args.vocab, max_seq_len=args.max_seq_len,
                                seed=args.seed, overwrite=args.overwrite, command=command)
-    except FileExistsError as exc:
-        raise UserError(str(exc)) from None
+    except FileExistsError:
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)") from None
     print(f"wrote {manifest.ref} to {args.out} ({len(manifest.files)} files)")
     return 0
 
@@ -162,9 +235,7 @@ def cmd_model_init_random(args) -> int:
 def cmd_model_verify(args) -> int:
     from model_store.modeling import load_prm
 
-    from model_store.store import resolve_checkpoint
-
-    path = resolve_checkpoint(args.path, args.store)
+    path, _ = resolve_model(args.path, args.store)
     loaded = load_prm(path)
     params = sum(p.numel() for p in loaded.model.parameters())
     print(f"ok: {loaded.manifest.ref} at {path}: {len(loaded.manifest.files)} files verified, "
@@ -192,19 +263,22 @@ def cmd_model_import(args) -> int:
         manifest = import_value_model(args.src, args.out, name=args.name, version=args.version, kind=args.kind,
                                       activation=args.activation, max_seq_len=args.max_seq_len,
                                       overwrite=args.overwrite)
-    except FileExistsError as exc:
-        raise UserError(str(exc)) from None
+    except FileExistsError:
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)") from None
     print(f"imported {args.src} as {manifest.ref} ({manifest.training.method}, "
           f"activation {manifest.value_head.activation}) to {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentprm", description="AgentPRM Serve: train, store and serve PRMs")
+    parser = OneLineParser(prog="agentprm", description="AgentPRM Serve: train, store and serve PRMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="serve a checkpoint over HTTP")
     _add_server_flags(p)
+    p.add_argument("--check-config", action="store_true",
+                   help="check every setting, the API key file and the checkpoint's checksums, print one line "
+                        "and exit (0: all good, 2: what is wrong) without loading the model or binding the port")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score a JSONL file of trajectories offline with the serving engine")
@@ -217,18 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="checkpoint tools").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("init-random", help="write a complete random checkpoint (tests, development)")
-    p.add_argument("out")
-    p.add_argument("--name", default="random-prm")
-    p.add_argument("--version", default="1")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("out", help="checkpoint folder to write (STORE/NAME/VERSION to serve it by name)")
+    p.add_argument("--name", default="random-prm", help="model name in the manifest [default: %(default)s]")
+    p.add_argument("--version", default="1", help="model version in the manifest [default: %(default)s]")
+    p.add_argument("--layers", type=int, default=2, help="Qwen2 decoder layers [default: %(default)s]")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size [default: %(default)s]")
+    p.add_argument("--heads", type=int, default=4, help="attention heads [default: %(default)s]")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA) [default: %(default)s]")
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width [default: 2 x hidden]")
+    p.add_argument("--vocab", type=int, default=512, help="byte-level BPE vocabulary size [default: %(default)s]")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence served [default: %(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights [default: %(default)s]")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_model_init_random)
     p = model.add_parser("verify", help="check a checkpoint's checksums, schema and tensor shapes")
     p.add_argument("path", help="checkpoint path or name[:version]")

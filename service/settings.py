@@ -1,5 +1,9 @@
 """Server settings: one BaseSettings class, read from AGENTPRM_* environment variables, overridden by CLI flags.
 
+Every field carries its bounds (`ge`, `le`, a `Literal`, or a validator below); `settings_error` turns a
+refused value into one line that names the flag or environment variable it came from, which the CLI prints
+before exiting with code 2. The README's Configuration table states the same bounds.
+
 List settings (`api_key`) read a comma-separated environment variable (AGENTPRM_API_KEY=k1,k2) and a
 repeatable flag (--api-key k1 --api-key k2). `SERVE_ONLY` names the settings that only `agentprm serve`
 takes (offline `agentprm score` has no HTTP side).
@@ -7,10 +11,12 @@ takes (offline `agentprm score` has no HTTP side).
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.api.config import ApiConfig
@@ -18,6 +24,8 @@ from service.engine.config import BACKENDS, EngineConfig
 
 DEFAULT_MODEL = "agentprm-babyai-small"  # the checkpoint shipped in model_store/checkpoints/
 _ENGINE, _API = EngineConfig(), ApiConfig()
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
 SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
                         "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
@@ -28,9 +36,9 @@ SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log",
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTPRM_", extra="ignore", protected_namespaces=())
 
-    model: str = Field(DEFAULT_MODEL, description="Checkpoint path, or name[:version] in the store")
-    store: str | None = Field(None,
-        description="Model store folder (default: the checkpoints shipped in model_store/)")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="Checkpoint path, or name[:version] in the store")
+    store: str | None = Field(None, description="Model store folder, an existing directory (default: the "
+                                                "checkpoints folder of the installed model_store package)")
     host: str = Field("127.0.0.1", description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind")
     device: str = Field(_ENGINE.device, description="auto, cpu, cuda or cuda:N")
@@ -109,22 +117,61 @@ class ServerSettings(BaseSettings):
             value = value.split(",")
         return [k.strip() for item in value for k in str(item).split(",") if k.strip()]
 
+    @field_validator("api_key")
+    @classmethod
+    def _printable_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            _check_key(key)
+        return keys
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        if value.startswith("cuda"):
+            import torch  # only when a GPU is asked for: the check needs the CUDA runtime
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"{value} requested but no CUDA GPU is available (use --device cpu or auto)")
+            index = int(value.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"{value} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _existing_store(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_dir():
+            raise ValueError("no such directory")
+        return value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _usable_key_file(cls, value: str | None) -> str | None:
+        if value is not None:
+            _read_key_file(Path(value).expanduser())
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value) or not value.isprintable():
+            raise ValueError("expected an address or host name (127.0.0.1, 0.0.0.0, ::, localhost)")
+        return value
+
     def api_keys(self) -> tuple[str, ...]:
         """Every configured key: flags/env first, then the key file. Raises ValueError on an unusable file."""
         keys = list(self.api_key)
         if self.api_key_file:
             path = Path(self.api_key_file).expanduser()
             try:
-                lines = path.read_text().splitlines()
-            except OSError as exc:
-                raise ValueError(f"{path}: cannot read the API key file ({exc.strerror or exc})") from None
-            from_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-            if not from_file:
-                raise ValueError(f"{path}: the API key file has no keys")
-            keys += from_file
+                keys += _read_key_file(path)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
         for key in keys:
-            if any(c.isspace() for c in key) or not key.isprintable():
-                raise ValueError("an API key contains whitespace or unprintable characters")
+            _check_key(key)
         return tuple(dict.fromkeys(keys))
 
     def engine_config(self) -> EngineConfig:
@@ -136,3 +183,39 @@ class ServerSettings(BaseSettings):
                             backend=self.backend, cuda_graphs=self.cuda_graphs,
                             max_queue_delay_s=self.max_queue_delay_s,
                             max_consecutive_failures=self.max_consecutive_failures)
+
+
+def _read_key_file(path: Path) -> list[str]:
+    """The keys of a key file (one per line, '#' comments); ValueError when unreadable or empty."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the API key file ({getattr(exc, 'strerror', None) or exc})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise ValueError("the API key file has no keys")
+    for key in keys:
+        _check_key(key)
+    return keys
+
+
+def _check_key(key: str) -> None:
+    if any(c.isspace() for c in key) or not key.isprintable():
+        raise ValueError("an API key contains whitespace or unprintable characters")
+
+
+def settings_error(exc: ValidationError, from_flags: set[str]) -> str:
+    """One line for the first refused setting: where the value came from (flag or environment variable),
+    the value, and the bound it breaks. The value of an API key is never echoed."""
+    err = exc.errors()[0]
+    name = str(err["loc"][0]) if err["loc"] else ""
+    value = "***" if name == "api_key" else err.get("input")
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    value = shlex.quote(str(value))
+    if name in from_flags:
+        where = f"--{name.replace('_', '-')} {value}"
+    else:
+        where = f"AGENTPRM_{name.upper()}={value}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"invalid setting {where}: {message}"

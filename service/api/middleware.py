@@ -19,6 +19,7 @@ and token usage; never the body or other headers.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -54,6 +55,17 @@ def app_path(scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
+def _route_template(scope) -> str | None:
+    """The route template a request would reach (the metrics label of a request refused before routing)."""
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        if route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", None)
+    return None
+
+
 class ObservedRequests:
     def __init__(self, app, metrics: Metrics, log_access: bool = True):
         self.app = app
@@ -87,6 +99,13 @@ class ObservedRequests:
             if not response["started"]:
                 await send_error(send_with_id, 500, "internal_error",
                                  f"internal server error (request id {request_id})")
+        except asyncio.CancelledError:
+            # A forced stop (drain timeout, second signal, engine death) cancels the requests still running.
+            # They get the JSON error shape, not uvicorn's text/plain 500 and a logged traceback; the task ends
+            # here instead of re-raising because the server is going away and nothing waits on it.
+            if not response["started"]:
+                await send_error(send_with_id, 503, "shutting_down", "the server is shutting down and cancelled "
+                                 "this request; retry it (on another replica)", [(b"retry-after", b"1")])
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or state.get("refused_route") or "unmatched"
@@ -137,7 +156,8 @@ class ApiKeyAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and self.keys and app_path(scope) not in self.public_paths:
             ok, why = self._authorized(dict(scope.get("headers") or []))
-            if not ok:
+            if not ok:  # counted under the route it was meant for, not "unmatched"
+                scope.setdefault("state", {})["refused_route"] = _route_template(scope)
                 return await send_error(send, 401, "unauthorized", why,
                                         [(b"www-authenticate", b'Bearer realm="agentprm"')])
         await self.app(scope, receive, send)

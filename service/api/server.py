@@ -3,20 +3,29 @@
 SIGTERM (or Ctrl+C): the server keeps its socket open but turns /ready to 503 and answers new scoring
 requests with 503 (`draining`, Retry-After: 1) while the scoring requests already admitted -- in flight
 or queued -- finish. When none is left, or `drain_timeout_s` has passed, uvicorn's own shutdown closes
-the socket and the connections, and the lifespan stops the engine. A second signal stops at once.
+the socket and the connections, and the lifespan stops the engine. A second signal stops at once. Requests
+cancelled by a forced stop (drain timeout, second signal) are answered 503 `shutting_down` in the usual JSON
+error shape (service.api.middleware), never uvicorn's text/plain 500.
+
+The port is bound by `bind_socket` before anything is announced, so a port in use is one line (BindError)
+and exit 1, not a "serving on" banner followed by uvicorn's errno text.
 
 Engine death: every 0.2 s the server asks the engine for its health; when it is no longer live (its
 scheduler died: a CUDA error, too many failed batches in a row, a crashed loop) /health and /ready turn
 503, and the process exits with EXIT_ENGINE_DEAD so an orchestrator restarts it.
 
 Exit codes (returned by `serve`): 0 drained, 1 could not start (port in use, engine start failed),
-3 the engine died, 4 the drain timed out with requests still in progress. (2 is the CLI's user error:
-a refused checkpoint or a bad setting, before anything is served.)
+3 the engine died, 4 the drain timed out with requests still in progress, 5 a second signal forced the
+stop before the drain finished. (2 is the CLI's user error: a refused checkpoint or a bad setting, before
+anything is served.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
+import socket
 import time
 
 import uvicorn
@@ -26,8 +35,39 @@ from service.api.admission import ServerState
 
 log = logging.getLogger("agentprm.server")
 
-EXIT_OK, EXIT_START_FAILED, EXIT_ENGINE_DEAD, EXIT_DRAIN_TIMEOUT = 0, 1, 3, 4
+EXIT_OK, EXIT_START_FAILED, EXIT_ENGINE_DEAD, EXIT_DRAIN_TIMEOUT, EXIT_FORCED = 0, 1, 3, 4, 5
 HEALTH_EVERY_TICKS = 2  # uvicorn ticks every 0.1 s
+
+
+class BindError(OSError):
+    """The address cannot be bound; the message is one line that says what to do."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (not yet listening; uvicorn listens on it). Raises BindError."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(f"cannot bind {host}:{port}: unknown address {host!r} ({exc.strerror}); "
+                        "pass --host with an address of this machine") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            hint = "another process is using that port: stop it or pass --port with a free one"
+        elif exc.errno == errno.EACCES:
+            hint = "ports below 1024 need privileges: pass --port 1024 or above"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = "that address is not one of this machine's: pass --host 127.0.0.1 or 0.0.0.0"
+        else:
+            hint = "pass another --host or --port"
+        raise BindError(f"cannot bind {host}:{port}: {exc.strerror or exc}; {hint}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 class DrainingServer(uvicorn.Server):
@@ -38,13 +78,32 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = drain_timeout_s
         self.exit_code = EXIT_OK
         self._drain_announced = False
+        self._drained = False
 
     def handle_exit(self, sig, frame) -> None:  # runs in a signal handler: only plain attribute writes
         if self.state.draining or self.should_exit:
+            if self.exit_code == EXIT_OK and not self._drained:
+                self.exit_code = EXIT_FORCED  # never 0: that code means every admitted request finished
             self.should_exit = True
             self.force_exit = True
             return
         self.state.begin_drain()
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn's forced exit leaves the request tasks and the lifespan to asyncio.run's final cancellation,
+            # which logs the lifespan's CancelledError as a traceback. End them here instead: the requests answer
+            # 503 shutting_down (service.api.middleware), then the lifespan stops the engine. Bounded: at once.
+            tasks = list(self.server_state.tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+            try:
+                await asyncio.wait_for(self.lifespan.shutdown(), timeout=5.0)
+            except asyncio.TimeoutError:
+                log.error("the engine did not stop within 5 s of a forced exit")
 
     async def on_tick(self, counter: int) -> bool:
         if not self.should_exit:
@@ -80,6 +139,7 @@ class DrainingServer(uvicorn.Server):
         elapsed = time.monotonic() - (state.drain_started or time.monotonic())
         if state.inflight == 0:
             log.warning("drained after %.1fs; shutting down", elapsed, extra={"event": "drained", "exit_code": EXIT_OK})
+            self._drained = True
             self.config.timeout_graceful_shutdown = max(1.0, self.drain_timeout_s - elapsed)
             self.should_exit = True
         elif elapsed >= self.drain_timeout_s:
@@ -92,19 +152,19 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info", drain_timeout_s: float = 30.0,
-          keep_alive_s: float = 65.0) -> int:
+          keep_alive_s: float = 65.0, sock: socket.socket | None = None) -> int:
     """Serve until drained or the engine dies; returns the process exit code.
 
     `keep_alive_s` is how long an idle connection stays open. It is above the idle timeouts of clients (httpx
     5 s) and proxies (nginx, cloud load balancers: 60 s) so that they close first: a server that closes a
     connection just as a client reuses it (uvicorn's default is 5 s, the same as httpx's) fails that request
-    with a reset or an empty reply."""
+    with a reset or an empty reply. `sock`, from `bind_socket`, is the socket to serve on (already bound)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None,
                             timeout_graceful_shutdown=max(1.0, drain_timeout_s), timeout_keep_alive=keep_alive_s,
                             lifespan="on")
     server = DrainingServer(config, app, drain_timeout_s)
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except SystemExit as exc:  # uvicorn exits 1 itself when it cannot bind
         return EXIT_START_FAILED if exc.code else EXIT_OK
     if not server.started:

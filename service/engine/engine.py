@@ -97,10 +97,10 @@ class PRMEngine(EngineClient):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> str:
-        if model in (None, "", DEFAULT_MODEL_ALIAS, self.info.name, self.info.ref):
+        if model in (None, "", DEFAULT_MODEL_ALIAS, self.info.name, self.info.ref, *self.info.aliases):
             return self.info.ref
-        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} "
-                           f"(alias {DEFAULT_MODEL_ALIAS!r})")
+        also = ", ".join(repr(a) for a in dict.fromkeys((DEFAULT_MODEL_ALIAS, *self.info.aliases)))
+        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} (also as {also})")
 
     def _check_length(self, ids, what: str) -> None:
         limit = self.manifest.max_seq_len

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from clients import AsyncPRMClient, PRMClient, PRMError
+from clients import AsyncPRMClient, PRMClient, PRMConnectionError, PRMError
 from clients.sdk import is_loopback
 from service.api.protocol import StepIn, TrajectoryIn
 from tests.conftest import free_port, trajectory_json
@@ -96,11 +96,22 @@ def test_retries_honour_retry_after_then_succeed():
         assert info.value.code == 429 and info.value.message == "queue full"
 
 
-def test_connection_refused_is_raised_after_retries():
-    with PRMClient(f"http://127.0.0.1:{free_port()}", max_retries=1, backoff_base_s=0.01) as client:
+def test_connection_refused_is_raised_after_retries_as_the_sdks_error_with_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    with PRMClient(url, max_retries=1, backoff_base_s=0.01) as client:
         assert not client.ready()
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(PRMError) as info:
             client.models()
+    assert isinstance(info.value, PRMConnectionError)
+    assert info.value.type == "connection_error" and info.value.code == 0
+    assert f"{url}/v1/models" in str(info.value) and isinstance(info.value.__cause__, httpx.ConnectError)
+
+    async def async_call():
+        async with AsyncPRMClient(url, max_retries=0) as client:
+            await client.models()
+
+    with pytest.raises(PRMConnectionError, match=f"cannot reach {url}/v1/models"):
+        asyncio.run(async_call())
 
 
 def test_loopback_urls_ignore_proxy_variables(live_server, monkeypatch):

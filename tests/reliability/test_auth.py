@@ -84,6 +84,16 @@ def test_unknown_paths_do_not_reveal_themselves_without_a_key(engine):
         assert client.get("/v2/secret", headers=AUTH).status_code == 404
 
 
+def test_refused_requests_are_counted_under_their_route(engine):
+    """A 401 is counted under the route it was meant for, so a dashboard shows which API is being refused."""
+    with TestClient(create_app(engine, config=ApiConfig(api_keys=(API_KEY,)))) as client:
+        client.post("/v1/score", json={"trajectories": [trajectory_json("t", 1)]})
+        client.get("/v2/secret")
+        text = client.get("/metrics", headers=AUTH).text
+    assert 'agentprm_requests_total{route="/v1/score",status="401"} 1.0' in text
+    assert 'agentprm_requests_total{route="unmatched",status="401"} 1.0' in text  # unknown paths stay unmatched
+
+
 def test_no_keys_means_open(engine):
     with TestClient(create_app(engine)) as client:
         assert client.get("/v1/models").status_code == 200
