@@ -24,8 +24,9 @@ K8S_VARIANT ?= base
 
 # PyTorch first, by what the machine has: with an NVIDIA driver (`nvidia-smi` on PATH, or /proc/driver/nvidia/version)
 # the project's own `pip install` takes PyPI's torch, the CUDA build. Without one, torch==$(TORCH_VERSION)+cpu comes
-# from PyTorch's CPU index first, so pip never fetches the multi-GB CUDA build; if that index does not answer within
-# 10 s, it says so and leaves torch to the configured index. TORCH_FLAVOUR=cpu|cuda overrides the detection.
+# from PyTorch's CPU index first (torch alone, --no-deps: its dependencies come with the project's from the configured
+# index), so pip never fetches the multi-GB CUDA build; if that index does not answer within 10 s, it says so and
+# leaves torch to the configured index. TORCH_FLAVOUR=cpu|cuda overrides the detection.
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_FLAVOUR ?= auto
@@ -50,8 +51,7 @@ install-torch:
 	elif $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" \
 	    >/dev/null 2>&1; then \
 	  echo "install-torch: installing torch==$(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX)"; \
-	  $(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX) \
-	    --extra-index-url https://pypi.org/simple; \
+	  $(BIN)/python -m pip install --quiet --no-deps "torch==$(TORCH_VERSION)+cpu" --index-url $(TORCH_CPU_INDEX); \
 	else \
 	  echo "install-torch: $(TORCH_CPU_INDEX) cannot be reached; torch==$(TORCH_VERSION) comes from pip's configured" \
 	    "index instead (PyPI's is the CUDA build; set TORCH_CPU_INDEX to a reachable CPU wheel index)" >&2; \
