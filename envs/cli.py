@@ -43,19 +43,32 @@ def cmd_rollout(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
 def _data_config(args):
     from envs.evaluate import DataConfig
 
-    return DataConfig(levels=args.levels, episodes=args.episodes, policy=args.policy, epsilon=args.epsilon,
-                      horizon=args.horizon, seed=args.seed)
+    return DataConfig(levels=args.levels, episodes=args.episodes, policy=args.policy, epsilons=args.epsilons,
+                      horizon=args.horizon, seed=args.seed, policy_seed=args.policy_seed)
 
 
 def _train_config(args):
-    from envs.evaluate import TrainConfig
+    from envs.pipeline import TrainConfig
 
     return TrainConfig(layers=args.layers, hidden=args.hidden, epochs=args.epochs, lr=args.lr,
-                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, seed=args.train_seed,
-                       mc_rollouts=args.mc_rollouts, workers=args.workers, threads=args.threads)
+                       batch_size=args.batch_size, max_seq_len=args.max_seq_len, gamma=args.gamma,
+                       seeds=args.train_seeds, mc_rollouts=args.mc_rollouts, workers=args.workers,
+                       threads=args.threads)
+
+
+def _test_config(args):
+    from envs.evaluate import HeldoutConfig
+
+    return HeldoutConfig(levels=args.test_levels, episodes=args.test_episodes, seeds=args.test_seeds,
+                         seed_base=args.test_seed, n_max=max(args.ns), sample_epsilon=args.sample_epsilon,
+                         hard_epsilon=args.hard_epsilon, horizon=args.horizon)
 
 
 def _pairs(text: str) -> tuple[tuple[int, int], ...]:
@@ -91,7 +104,7 @@ def cmd_eval_rollout(args) -> int:
 
 
 def cmd_eval_default(args) -> int:
-    from envs.evaluate import default_checkpoint
+    from envs.pipeline import default_checkpoint
 
     try:
         summary = default_checkpoint(args.out, _data_config(args), _train_config(args), args.work,
@@ -104,7 +117,7 @@ def cmd_eval_default(args) -> int:
 
 
 def cmd_eval_run(args) -> int:
-    from envs.evaluate import METHODS, EvalConfig, run_pipeline
+    from envs.pipeline import METHODS, EvalConfig, run_pipeline
 
     checkpoints = {}
     for item in args.checkpoint:
@@ -120,9 +133,13 @@ def cmd_eval_run(args) -> int:
         print(f"agentprm: error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}",
               file=sys.stderr)
         return 2
-    config = EvalConfig(data=_data_config(args), train=_train_config(args), methods=methods,
-                        checkpoints=checkpoints, test_episodes=args.test_episodes, test_seed=args.test_seed,
-                        ns=args.ns, beams=args.beams, rerank_per_n=args.rerank_per_n, work=args.work,
+    overlap = sorted(set(args.levels) & set(args.test_levels))
+    if overlap and not args.allow_seen_levels:
+        print(f"agentprm: error: test level(s) {', '.join(overlap)} are also training levels; the evaluation is on "
+              "levels the PRM never trained on (pass --allow-seen-levels to test on them anyway)", file=sys.stderr)
+        return 2
+    config = EvalConfig(data=_data_config(args), train=_train_config(args), test=_test_config(args),
+                        methods=methods, checkpoints=checkpoints, ns=args.ns, beams=args.beams, work=args.work,
                         out=args.out, progress=not args.quiet)
     try:
         summary = run_pipeline(config, _command_line())
@@ -137,7 +154,7 @@ def cmd_eval_run(args) -> int:
 def cmd_eval_report(args) -> int:
     from pathlib import Path
 
-    from envs.plots import write_report
+    from envs.report import write_report
 
     summary_file = Path(args.out) / "summary.json"
     if not summary_file.is_file():
@@ -148,33 +165,35 @@ def cmd_eval_report(args) -> int:
     return 0
 
 
-def _add_data_flags(p, default_episodes: int) -> None:
-    from envs.babyai import DEFAULT_LEVELS
+def _add_data_flags(p) -> None:
     from envs.evaluate import DataConfig
 
     d = DataConfig()
     p.add_argument("--levels", type=_levels, default=d.levels,
-                   help=f"comma-separated BabyAI level ids [default: {','.join(DEFAULT_LEVELS)}]")
-    p.add_argument("--episodes", type=int, default=default_episodes, help="training episodes per level")
+                   help=f"comma-separated BabyAI training levels [default: {','.join(d.levels)}]")
+    p.add_argument("--episodes", type=int, default=d.episodes, help=f"training episodes per level [default: {d.episodes}]")
     p.add_argument("--policy", default=d.policy, choices=["expert", "noisy", "random"])
-    p.add_argument("--epsilon", type=float, default=d.epsilon, help="random-action probability of the noisy "
-                   f"sampling policy [default: {d.epsilon}]")
+    p.add_argument("--epsilons", type=_floats, default=d.epsilons, help="random-action probabilities of the noisy "
+                   f"sampler, cycled episode by episode [default: {','.join(map(str, d.epsilons))}]")
     p.add_argument("--horizon", type=int, default=d.horizon, help=f"episode step cap [default: {d.horizon}]")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed of the training episodes")
+    p.add_argument("--policy-seed", type=int, default=d.policy_seed, help="seed of the sampler's own randomness")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_train_flags(p) -> None:
-    from envs.evaluate import TrainConfig
+    from envs.pipeline import TrainConfig
 
     t = TrainConfig()
     p.add_argument("--layers", type=int, default=t.layers)
     p.add_argument("--hidden", type=int, default=t.hidden)
     p.add_argument("--epochs", type=int, default=t.epochs)
-    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate [default: the trainer's]")
     p.add_argument("--batch-size", type=int, default=t.batch_size)
     p.add_argument("--max-seq-len", type=int, default=t.max_seq_len)
-    p.add_argument("--train-seed", type=int, default=t.seed)
+    p.add_argument("--gamma", type=float, default=t.gamma, help=f"discount of the outcome [default: {t.gamma}]")
+    p.add_argument("--train-seeds", type=_ints, default=t.seeds, help="training seeds of every method "
+                   f"[default: {','.join(map(str, t.seeds))}]")
     p.add_argument("--mc-rollouts", type=int, default=t.mc_rollouts, help="K rollouts per step of the MC labels")
     p.add_argument("--workers", type=int, default=t.workers, help="processes for MC labelling")
     p.add_argument("--threads", type=int, default=t.threads, help="OMP_NUM_THREADS of the train and serve "
@@ -201,34 +220,44 @@ def register(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_rollout)
 
-    from envs.evaluate import BEAMS, BON_NS, DataConfig  # cheap: minigrid is imported when an env is built
+    from envs.evaluate import HeldoutConfig  # cheap: minigrid is imported when an env is built
+    from envs.pipeline import BEAMS, BON_NS
 
     ev = subparsers.add_parser("eval", help="BabyAI evaluation: Best-of-N and beam search through the service",
                                description="Rollouts, training of every method, held-out Best-of-N and beam search "
                                            "through `agentprm serve`, and the results table and plots.")
     sub = ev.add_subparsers(dest="eval_command", required=True)
     p = sub.add_parser("rollout", help="training rollouts capped at a horizon, to JSONL")
-    _add_data_flags(p, DataConfig().episodes)
+    _add_data_flags(p)
     p.add_argument("--out", required=True, help="output JSONL file")
     p.set_defaults(func=cmd_eval_rollout)
     p = sub.add_parser("default-checkpoint", help="rollouts -> agentprm train --method agentprm -> checkpoint")
-    _add_data_flags(p, DataConfig().episodes)
+    _add_data_flags(p)
     _add_train_flags(p)
     p.add_argument("--out", required=True, help="checkpoint directory, e.g. "
                    "model_store/checkpoints/agentprm-babyai-small/1")
     p.set_defaults(func=cmd_eval_default)
     p = sub.add_parser("run", help="the whole evaluation; writes --out/README.md and plots")
-    _add_data_flags(p, DataConfig().episodes)
+    _add_data_flags(p)
     _add_train_flags(p)
+    h = HeldoutConfig()
     p.add_argument("--methods", default="agentprm,pvm,orm,mc", help="PRM methods to train and evaluate")
     p.add_argument("--checkpoint", action="append", default=[], metavar="METHOD=DIR",
-                   help="reuse a checkpoint for METHOD (it must be trained on the same rollouts); repeatable")
-    p.add_argument("--test-episodes", type=int, default=15, help="held-out episodes per level [default: 15]")
-    p.add_argument("--test-seed", type=int, default=1, help="base seed of the held-out episodes")
-    p.add_argument("--ns", type=_ints, default=BON_NS, help="Best-of-N values [default: 1,2,4,...,64]")
-    p.add_argument("--beams", type=_pairs, default=BEAMS, help="beam settings BxK [default: 2x2,4x4,8x8]")
-    p.add_argument("--rerank-per-n", action="store_true",
-                   help="one /v1/rerank per N (default: one over all samples, then the best among the first N)")
+                   help="reuse a checkpoint for METHOD's first seed (trained on the same rollouts); repeatable")
+    p.add_argument("--test-levels", type=_levels, default=h.levels,
+                   help=f"comma-separated test levels, none of them a training level [default: {','.join(h.levels)}]")
+    p.add_argument("--allow-seen-levels", action="store_true", help="allow test levels that are also training levels")
+    p.add_argument("--test-episodes", type=int, default=h.episodes, help=f"test episodes per level [default: {h.episodes}]")
+    p.add_argument("--test-seeds", type=_ints, default=(), help="exact test seeds, used on every test level "
+                   "(overrides --test-episodes and --test-seed)")
+    p.add_argument("--test-seed", type=int, default=h.seed_base, help="base seed of the test episodes")
+    p.add_argument("--sample-epsilon", type=float, default=h.sample_epsilon,
+                   help=f"epsilon of the sampling policy (Best-of-N samples, beam candidates) [default: {h.sample_epsilon}]")
+    p.add_argument("--hard-epsilon", type=float, default=h.hard_epsilon,
+                   help=f"epsilon of the harder Best-of-N sampler [default: {h.hard_epsilon}]")
+    p.add_argument("--ns", type=_ints, default=BON_NS, help=f"Best-of-N values [default: {','.join(map(str, BON_NS))}]")
+    p.add_argument("--beams", type=_pairs, default=BEAMS, help="beam settings BxK (K samples per beam) "
+                   f"[default: {','.join(f'{b}x{k}' for b, k in BEAMS)}]")
     p.add_argument("--out", default="results/babyai", help="results folder")
     p.set_defaults(func=cmd_eval_run)
     p = sub.add_parser("report", help="re-render README.md and the plots from --out/summary.json "

@@ -85,7 +85,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warmup")
     p.add_argument("--beta", type=float, default=1.0, help="weight of L_A (agentprm)")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount (agentprm)")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount of the outcome per step (agentprm TD targets; pvm "
+                   "and orm discount the outcome to each step the same way; recorded in the manifest)")
     p.add_argument("--lam", type=float, default=0.95, help="GAE lambda (agentprm)")
     p.add_argument("--batch-size", type=int, default=16, help="trajectories per optimizer step (global)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per micro-batch")
@@ -109,6 +110,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mc-epsilon", type=float, default=0.2, help="epsilon of the noisy rollout policy")
     p.add_argument("--workers", type=int, default=1, help="processes for MC labelling")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 autocast on a GPU and on a CPU whose bf16 matmuls measure faster than fp32 "
+                   "(weights, targets, loss and value head stay fp32), else fp32")
     p.add_argument("--dist-init", default="env://", help="torch.distributed init method when WORLD_SIZE > 1: "
                    "env:// (torchrun's MASTER_ADDR/PORT) or file:///shared/path (no rendezvous port)")
     p.add_argument("--log", default=None, help="also write per-step metrics as JSON lines here")
@@ -198,12 +202,12 @@ def run_train(args, command: str) -> dict:
         labelling = {"env_steps": env_steps, "rollouts": rollouts, "rollouts_per_step": args.mc_rollouts,
                      "env": args.mc_env, "policy": args.mc_policy, "source": "monte-carlo rollouts"}
     if streamed is not None:
-        train_ex, val_ex, skipped = streamed.examples(renderer, args.max_seq_len)
+        train_ex, val_ex, skipped = streamed.examples(renderer, args.max_seq_len, args.gamma)
     else:
         train_ex, skipped_train = make_examples(train_records, renderer, args.max_seq_len,
-                                                data_mod.initial_value_targets(train_records), train_labels)
+                                                data_mod.initial_value_targets(train_records, args.gamma), train_labels)
         val_ex, skipped_val = make_examples(val_records, renderer, args.max_seq_len,
-                                            data_mod.initial_value_targets(val_records), val_labels)
+                                            data_mod.initial_value_targets(val_records, args.gamma), val_labels)
         skipped = skipped_train + skipped_val
     if skipped and info.main:
         print(f"agentprm: note: skipped {len(skipped)} trajectories longer than --max-seq-len {args.max_seq_len} "
@@ -217,6 +221,7 @@ def run_train(args, command: str) -> dict:
                          warmup=args.warmup, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                          grad_clip=args.grad_clip, beta=args.beta, gamma=args.gamma, lam=args.lam,
                          patience=args.patience, eval_every=args.eval_every, max_steps=args.max_steps,
+                         precision=args.precision,
                          seed=args.seed, success_above=args.success_above, progress=not args.no_progress,
                          log_path=args.log)
     pad_id = init.model.backbone.config.pad_token_id or 0

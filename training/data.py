@@ -170,12 +170,13 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def initial_value_targets(records: list[Record]) -> list[float]:
-    """For each record, the mean outcome of the records that share its initial state."""
+def initial_value_targets(records: list[Record], gamma: float = 1.0) -> list[float]:
+    """For each record, the mean outcome of the records that share its initial state, each discounted to the
+    initial state (gamma^n_steps * reward: with gamma < 1 the TD fixed point is V_0 = gamma * Q_0)."""
     totals: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0])
     for r in records:
         entry = totals[r.group_key()]
-        entry[0] += r.reward
+        entry[0] += r.reward * gamma ** len(r.steps)
         entry[1] += 1
     return [totals[r.group_key()][0] / totals[r.group_key()][1] for r in records]
 

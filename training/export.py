@@ -3,7 +3,7 @@
 The weights go through `model_store.export.save_checkpoint` (fp32 safetensors, sha256 of every file, atomic
 rename). `manifest.training` records what a reader needs to reproduce or judge the model:
 method, beta, gamma, lambda (null where the method does not use them: beta and lambda only matter to
-agentprm, gamma to agentprm), data {path, sha256, n_trajectories, n_train, n_val, skipped_lines, ...},
+agentprm, gamma to agentprm, pvm and orm), data {path, sha256, n_trajectories, n_train, n_val, skipped_lines, ...},
 metrics (the validation metrics of the exported weights, plus training throughput), labelling
 {env_steps, ...} (the environment steps spent on labels: 0 for agentprm, pvm and orm), the init source,
 the hyperparameters, and the exact command.
@@ -39,7 +39,7 @@ def training_info(config: TrainConfig, result: TrainResult, data: dict, labellin
     return TrainingInfo.model_validate({
         "method": config.method,
         "beta": config.beta if agentprm else None,
-        "gamma": config.gamma if agentprm else None,
+        "gamma": config.gamma if config.method in ("agentprm", "pvm", "orm") else None,
         "lambda": config.lam if agentprm else None,
         "data": data,
         "metrics": metrics,

@@ -20,7 +20,7 @@ td_gae (AgentPRM), the design's formula with these two decisions:
 Targets are computed from detached predictions (constants in the loss); the trainer recomputes them with
 the current model on every batch.
 
-pvm: every step's target is the outcome. orm: the same target on the final step only (other steps get no
+pvm: every step's target is the outcome (discounted by gamma^(steps to the end) when gamma < 1). orm: the same target on the final step only (other steps get no
 loss). mc (Math-Shepherd hard labels): the label of step t is 1 if any of K rollouts of a policy from the
 state after a_t succeeds, else 0; the final step's label is the trajectory's own success (the state after
 it is terminal, nothing to roll out). td_gae, pvm and orm spend no environment steps (labels come from the
@@ -71,11 +71,15 @@ def gae_targets(q: torch.Tensor, initial: torch.Tensor, outcome: torch.Tensor, n
     return torch.where(valid, targets, torch.zeros_like(q))
 
 
-def outcome_targets(outcome: torch.Tensor, n_steps: torch.Tensor, width: int) -> torch.Tensor:
-    """PVM / ORM targets [B, S]: the outcome at every real step, 0 at padding."""
+def outcome_targets(outcome: torch.Tensor, n_steps: torch.Tensor, width: int, gamma: float = 1.0) -> torch.Tensor:
+    """PVM / ORM targets [B, S]: the outcome discounted to each real step, gamma^(n-1-t) r (the plain outcome
+    when gamma = 1, and at the final step always), 0 at padding. With gamma < 1 this is the Monte-Carlo
+    return of the same discounted objective AgentPRM's TD targets estimate, so the methods stay comparable."""
     valid = step_mask(n_steps, width)
-    return torch.where(valid, outcome[:, None].expand(-1, width), torch.zeros(valid.shape, dtype=outcome.dtype,
-                                                                                device=outcome.device))
+    remaining = (n_steps[:, None] - 1 - torch.arange(width, device=n_steps.device)[None, :]).clamp(min=0)
+    discount = torch.pow(torch.full_like(outcome, float(gamma))[:, None], remaining.to(outcome.dtype))
+    return torch.where(valid, outcome[:, None] * discount, torch.zeros(valid.shape, dtype=outcome.dtype,
+                                                                       device=outcome.device))
 
 
 def step_weights(method: str, n_steps: torch.Tensor, width: int) -> torch.Tensor:

@@ -77,7 +77,7 @@ def method_targets(method: str, pred: torch.Tensor, readout_mask: torch.Tensor, 
     if method == "agentprm":
         steps = gae_targets(pred[:, 1:], pred[:, 0], outcome, n_steps, gamma, lam)
     elif method in ("pvm", "orm"):
-        steps = outcome_targets(outcome, n_steps, width)
+        steps = outcome_targets(outcome, n_steps, width, gamma)
     elif method == "mc":
         if labels is None:
             raise ValueError("method 'mc' needs Monte-Carlo labels")

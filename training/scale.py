@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from training.sharding import PARALLEL_MODES, PRECISIONS, ScaleConfig
+from training.sharding import PARALLEL_MODES, ScaleConfig
 
 
 def add_scale_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +17,6 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel", default="ddp", choices=PARALLEL_MODES,
                    help="with several processes: ddp (a full replica per process) or fsdp (FSDP2: weights, "
                         "gradients and AdamW state sharded over the processes)")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fsdp: compute dtype of the decoder layers (master weights, value head stay fp32)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder layer in the backward pass (activation memory: one [B, T, H] "
                         "tensor per layer)")
@@ -41,7 +39,7 @@ def add_scale_arguments(p: argparse.ArgumentParser) -> None:
 
 def scale_config(args, tokenizer, template) -> ScaleConfig:
     token_ids = [tokenizer.token_to_id(m) for m in template.markers()] if args.lora_rank else []
-    return ScaleConfig(parallel=args.parallel, precision=args.precision,
+    return ScaleConfig(parallel=args.parallel,
                        activation_checkpointing=args.activation_checkpointing, lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha, lora_token_ids=[t for t in token_ids if t is not None],
                        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
@@ -69,10 +67,10 @@ class StreamedData:
 
         return corpus_text(self.index.records(range(len(self.index))))
 
-    def examples(self, renderer, max_seq_len: int):
+    def examples(self, renderer, max_seq_len: int, gamma: float = 1.0):
         """(train examples rendered on demand, validation examples in memory, skipped lines)."""
         from training.streaming import StreamingExamples
 
-        train = StreamingExamples(self.index, self.train_indices, renderer, max_seq_len)
-        val = StreamingExamples(self.index, self.val_indices, renderer, max_seq_len)
+        train = StreamingExamples(self.index, self.train_indices, renderer, max_seq_len, gamma)
+        val = StreamingExamples(self.index, self.val_indices, renderer, max_seq_len, gamma)
         return train, val.materialize(), train.skipped + val.skipped

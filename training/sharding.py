@@ -33,7 +33,6 @@ class ScaleConfig:
     """How a run is spread, adapted, checkpointed and batched at scale (the defaults change nothing)."""
 
     parallel: str = "ddp"  # ddp | fsdp (used when WORLD_SIZE > 1)
-    precision: str = "fp32"  # fp32 | bf16: compute dtype of the decoder layers under FSDP
     activation_checkpointing: bool = False
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float | None = None
@@ -47,8 +46,6 @@ class ScaleConfig:
     def check(self) -> None:
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"--parallel must be one of {PARALLEL_MODES}, got {self.parallel!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.lora_rank and self.parallel == "fsdp":
             raise ValueError("--lora-rank with --parallel fsdp is not supported: a LoRA run keeps a frozen replica "
                              "per process (use --parallel ddp)")

@@ -53,6 +53,7 @@ class Entry:
     line: int
     reward: float
     group: int  # index into DataIndex.groups
+    n_steps: int
 
 
 class DataIndex:
@@ -75,7 +76,7 @@ class DataIndex:
                     if raw.strip():
                         record = parse_line(raw, f"{file}:{line_no}", line_no)
                         group = group_ids.setdefault(record.group_key(), len(group_ids))
-                        entries.append(Entry(f, offset, line_no, record.reward, group))
+                        entries.append(Entry(f, offset, line_no, record.reward, group, len(record.steps)))
                         n_steps += len(record.steps)
                     offset += len(raw)
         if not entries:
@@ -104,12 +105,13 @@ class DataIndex:
         val = [i for i, e in enumerate(self.entries) if e.group in val_ids]
         return train, val
 
-    def initial_targets(self, indices: Sequence[int]) -> dict[int, float]:
-        """V_0 target of each index: the mean reward of its initial-state group within `indices`."""
+    def initial_targets(self, indices: Sequence[int], gamma: float = 1.0) -> dict[int, float]:
+        """V_0 target of each index: the mean discounted reward of its initial-state group within `indices`
+        (as `data.initial_value_targets`)."""
         totals: dict[int, list[float]] = defaultdict(lambda: [0.0, 0])
         for i in indices:
             entry = self.entries[i]
-            totals[entry.group][0] += entry.reward
+            totals[entry.group][0] += entry.reward * gamma ** entry.n_steps
             totals[entry.group][1] += 1
         return {i: totals[self.entries[i].group][0] / totals[self.entries[i].group][1] for i in indices}
 
@@ -128,9 +130,9 @@ class DataIndex:
 class StreamingExamples(Sequence):
     """Training examples rendered on demand from a `DataIndex` (the `Example`s of `trainer.make_examples`)."""
 
-    def __init__(self, index: DataIndex, indices: Sequence[int], renderer, max_seq_len: int):
+    def __init__(self, index: DataIndex, indices: Sequence[int], renderer, max_seq_len: int, gamma: float = 1.0):
         self.index, self.renderer = index, renderer
-        self.targets = index.initial_targets(indices)
+        self.targets = index.initial_targets(indices, gamma)
         self.kept: list[int] = []
         self.lengths: list[int] = []
         self.skipped: list[int] = []  # lines longer than max_seq_len tokens

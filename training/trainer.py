@@ -21,12 +21,14 @@ trains the final step toward the outcome, so it compares methods fairly): after 
 without improvement training stops, and the best weights are restored. Every process evaluates the whole
 validation set (identical results, identical stopping decisions).
 
-Precision: fp32 on CPU; fp32 weights with bf16 autocast on GPU. Seeds: python, numpy, torch.
+Precision (`precision`, training.precision): fp32, or fp32 weights with bf16 autocast for the backbone's
+matmuls ("auto": on a GPU, and on a CPU whose bf16 matmuls measure faster than fp32); the value head's
+output, the targets and the loss stay fp32. Seeds: python, numpy, torch.
 
-At scale (`ScaleConfig`, training/sharding.py): FSDP2 shards instead of DDP replicas, LoRA adapters
-(training/lora.py), activation checkpointing, token-budget global batches (training/streaming.py), training
-checkpoints and exact resume (training/checkpointing.py). `train` may be any sequence of examples, such as
-the lazily rendered `streaming.StreamingExamples`.
+At scale (`ScaleConfig`, training/sharding.py): FSDP2 shards instead of DDP replicas (bf16 precision: the
+decoder layers compute in bf16), LoRA adapters (training/lora.py), activation checkpointing, token-budget
+global batches (training/streaming.py), training checkpoints and exact resume (training/checkpointing.py).
+`train` may be any sequence of examples, such as the lazily rendered `streaming.StreamingExamples`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from service.engine.prm import PRMModel
 from service.engine.render import Renderer
 from training.data import Record
 from training.losses import batch_loss_terms, term_counts
+from training.precision import resolve_precision
 from training.sharding import ScaleConfig
 
 
@@ -72,6 +75,7 @@ class TrainConfig:
     lam: float = 0.95
     patience: int = 5
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    precision: str = "fp32"  # fp32 | bf16 | auto (training.precision)
     max_steps: int | None = None
     seed: int = 0
     success_above: float = 0.0
@@ -265,10 +269,12 @@ class Trainer:
         if self.scale.activation_checkpointing:
             sharding.apply_activation_checkpointing(model)
         self.model = model.to(self.device)  # the module evaluated and exported (sharded in place under FSDP)
+        # "auto" times matmuls: every process must take rank 0's decision (FSDP's dtypes must agree)
+        self.precision = broadcast_object(resolve_precision(config.precision, self.device), dist_info)
         self.ddp: nn.Module = self.model
         self.sharded = dist_info.enabled and self.scale.parallel == "fsdp"
         if self.sharded:
-            sharding.shard_model(self.model, self.scale.precision)
+            sharding.shard_model(self.model, self.precision)
         elif dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -276,8 +282,8 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)  # broadcasts rank 0's weights
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- evaluation --------------------------------------------------------------------------------------

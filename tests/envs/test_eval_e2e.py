@@ -1,10 +1,10 @@
-"""End to end, small: `agentprm eval run` does rollout -> train -> serve -> rerank and beam search -> results
-table, on two BabyAI levels with a tiny model and one `agentprm serve` on 127.0.0.1."""
+"""End to end, small: `agentprm eval run` does rollouts -> training (two methods, two seeds) -> test set on
+levels it never trained on -> serve -> rerank, beam search and the step-level check -> report, with tiny
+models and one `agentprm serve` at a time on 127.0.0.1."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,67 +18,74 @@ from envs.evaluate import read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 LEVELS = ["BabyAI-GoToObj-v0", "BabyAI-OpenRedDoor-v0"]
+TEST_LEVELS = ["BabyAI-GoToObjS6-v1", "BabyAI-GoToRedBallNoDists-v0"]
 NS = [1, 2, 4]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def eval_command(work: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "envs.cli", "eval", "run", "--levels", ",".join(LEVELS), "--episodes", "6",
+            "--horizon", "12", "--test-levels", ",".join(TEST_LEVELS), "--test-episodes", "2",
+            "--ns", ",".join(map(str, NS)), "--beams", "2x3", "--methods", "agentprm,pvm", "--train-seeds", "0,1",
+            "--layers", "1", "--hidden", "32", "--epochs", "1", "--work", str(work), "--out", str(out), "--quiet",
+            *extra]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     work, out = tmp / "work", tmp / "results"
-    cmd = [sys.executable, "-m", "envs.cli", "eval", "run", "--levels", ",".join(LEVELS), "--episodes", "6",
-           "--horizon", "12", "--test-episodes", "2", "--ns", ",".join(map(str, NS)), "--beams", "2x2",
-           "--methods", "agentprm", "--layers", "1", "--hidden", "32", "--epochs", "1", "--work", str(work),
-           "--out", str(out), "--quiet"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(eval_command(work, out), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, out, json.loads((out / "summary.json").read_text())
 
 
-def test_pipeline_trains_on_its_rollouts_and_writes_a_results_table(run):
+def test_pipeline_trains_every_method_and_seed_on_its_rollouts_and_writes_the_report(run):
     work, out, summary = run
     train = read_jsonl(work / "train.jsonl")
-    assert len(train) == 6 * len(LEVELS)
-    assert {t["meta"]["level"] for t in train} == set(LEVELS)
-    assert all(len(t["steps"]) <= 12 and t["meta"]["horizon"] == 12 for t in train)
-    manifest = json.loads((work / "checkpoints" / "agentprm" / "manifest.json").read_text())
-    assert manifest["training"]["method"] == "agentprm"
-    assert manifest["training"]["data"]["sha256"] == summary["data"]["sha256"]
-
+    assert len(train) == 6 * len(LEVELS) and {t["meta"]["level"] for t in train} == set(LEVELS)
+    assert [(r["method"], r["seed"]) for r in summary["runs"]] == [("agentprm", 0), ("agentprm", 1), ("pvm", 0),
+                                                                   ("pvm", 1)]
+    for r in summary["runs"]:
+        manifest = json.loads((Path(r["checkpoint"]) / "manifest.json").read_text())
+        assert manifest["training"]["method"] == r["method"]
+        assert manifest["training"]["data"]["sha256"] == summary["data"]["sha256"]
+        assert manifest["training"]["gamma"] == 0.9 and f"--seed {r['seed']}" in manifest["training"]["command"]
     readme = (out / "README.md").read_text()
-    bon_header = next(line for line in readme.splitlines() if line.startswith("| verifier | labelling"))
-    assert [int(n) for n in re.findall(r"N=(\d+)", bon_header)] == NS
-    for row in ("| AgentPRM |", "| random choice |", "| oracle (any success) |", "| expert (policy ceiling) |"):
-        assert row in readme, row
-    assert "2x2" in readme and "agentprm train --data" in readme
+    for text in ("| AgentPRM |", "| PVM |", "| random scores |", "| \"move forward\" first |", "| uniform pick |",
+                 "| shortest trajectory |", "| sampling policy alone |", "2x3", "agentprm train --data",
+                 "## AgentPRM per level", "top action is optimal"):
+        assert text in readme, text
     for png in ("bon.png", "beam.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_held_out_seeds_are_disjoint_from_training_seeds(run):
+def test_test_levels_are_not_training_levels_and_a_mixed_split_is_refused(run, tmp_path):
     work, _, summary = run
-    train = {(t["meta"]["level"], t["meta"]["seed"]) for t in read_jsonl(work / "train.jsonl")}
-    held = {tuple(pair) for pair in summary["heldout"]["seeds"]}
-    assert len(held) == 2 * len(LEVELS)
-    assert not held & train
+    assert {level for level, _ in summary["test"]["episodes"]} == set(TEST_LEVELS)
+    assert len(summary["test"]["episodes"]) == 2 * len(TEST_LEVELS)
+    bad = eval_command(tmp_path / "w", tmp_path / "o")
+    bad[bad.index("--test-levels") + 1] = LEVELS[0]
+    proc = subprocess.run(bad, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "also training levels" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_rates_are_counts_over_the_held_out_episodes_with_intervals_around_them(run):
+def test_every_figure_is_a_rate_over_the_same_episodes_with_seed_spread_and_paired_tests(run):
     _, _, summary = run
-    n = summary["heldout"]["episodes"]
-    rows = [summary["methods"]["agentprm"]["bon"][str(k)] for k in NS]
-    rows += [summary["baselines"][b]["bon"][str(k)] for b in ("random", "oracle") for k in NS]
-    rows += [summary["methods"]["agentprm"]["beam"]["2x2"], summary["baselines"]["random"]["beam"]["2x2"],
-             summary["baselines"]["expert"]]
-    for r in rows:
-        assert r["n"] == n and 0 <= r["successes"] <= n
-        assert r["rate"] == pytest.approx(r["successes"] / n)
-        assert r["ci95"][0] <= r["rate"] + 1e-9 and r["rate"] <= r["ci95"][1] + 1e-9
-    oracle = [summary["baselines"]["oracle"]["bon"][str(k)]["successes"] for k in NS]
+    n_episodes, n_states = len(summary["test"]["episodes"]), summary["test"]["states"]
+    assert n_states > 0
+    for method in ("agentprm", "pvm"):
+        entry = summary["methods"][method]
+        for figure in ("beam 2x3", *(f"bon@{k}" for k in NS), *(f"bon_hard@{k}" for k in NS), "top_optimal"):
+            cell = entry[figure]
+            assert cell["seeds"]["n"] == 2 and cell["seeds"]["min"] <= cell["seeds"]["mean"] <= cell["seeds"]["max"]
+            assert cell["pooled"]["n"] == (n_states if figure == "top_optimal" else n_episodes)
+            assert 0.0 <= min(t["p"] for t in cell["paired"].values()) <= 1.0
+        assert {"random", "forward", "sampler"} <= set(entry["beam 2x3"]["paired"])
+        assert {"forward", "uniform"} <= set(entry["top_optimal"]["paired"])
+    oracle = [summary["baseline_rates"]["oracle"][f"bon@{k}"]["rate"] for k in NS]
     assert oracle == sorted(oracle)  # more samples can only add a success
-    # no verifier can beat "any of the N succeeded"
-    for k in NS:
-        assert summary["methods"]["agentprm"]["bon"][str(k)]["successes"] <= \
-            summary["baselines"]["oracle"]["bon"][str(k)]["successes"]
-    assert summary["baselines"]["expert"]["successes"] == n  # the bot solves these levels within 12 steps
-    assert summary["methods"]["agentprm"]["labelling_env_steps"] == 0
+    for run_ in summary["runs"]:  # no verifier beats "any of the N succeeded"
+        for k in NS:
+            assert run_["rates"][f"bon@{k}"]["rate"] <= summary["baseline_rates"]["oracle"][f"bon@{k}"]["rate"]
+    assert summary["baseline_rates"]["expert"]["success"]["rate"] == 1.0  # the bot solves these within 12 steps

@@ -1,19 +1,26 @@
-"""The evaluation's parts: Wilson intervals, the horizon cap, held-out seeds, and Best-of-N picks through a
-live server (one /v1/rerank over all samples picks what a /v1/rerank of the first N picks)."""
+"""The evaluation's parts on tiny inputs: intervals and paired tests, the level split and seeding, candidates
+sampled from the policy, the optimal-action ground truth, Best-of-N picks through a live server, the
+step-level check and the per-seed summary."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 pytest.importorskip("minigrid", reason="needs the envs extra (minigrid)")
 
 from clients.sdk import PRMClient  # noqa: E402
-from envs.evaluate import (CappedBabyAIEnv, DataConfig, RandomChooser, bon_picks, collect, env_from_meta,  # noqa: E402
-                           evaluate_beam, heldout_episodes, read_jsonl, wilson)
-from envs.policies import make_policy  # noqa: E402
+from envs.evaluate import (CappedBabyAIEnv, DataConfig, HeldoutConfig, collect, env_from_meta,  # noqa: E402
+                           heldout_episodes, read_jsonl)
+from envs.policies import ExpertPolicy, NoisyExpertPolicy  # noqa: E402
 from envs.rollout import episode_seed  # noqa: E402
+from envs.stats import paired_test, per_level, spread, wilson  # noqa: E402
+from envs.stepcheck import action_costs, optimal_actions  # noqa: E402
+from envs.summary import summarise  # noqa: E402
+from envs.verifiers import (ForwardChooser, RandomChooser, bon_picks, evaluate_beam, expert_states,  # noqa: E402
+                            sampled_proposals, step_discrimination)
 from tests.conftest import trajectory_json  # noqa: E402
 
 LEVEL = "BabyAI-GoToRedBall-v0"
@@ -26,43 +33,82 @@ def test_wilson_interval_matches_published_values(k, n, low, high):
     assert got[0] == pytest.approx(low, abs=5e-4) and got[1] == pytest.approx(high, abs=5e-4)
 
 
-def test_horizon_ends_episodes_and_replays_from_meta():
-    env = CappedBabyAIEnv(LEVEL, horizon=5)
-    env.reset(3)
-    assert env.max_steps == 5
-    done = [env.step("turn left").done for _ in range(5)]
-    assert done == [False] * 4 + [True]
-    with pytest.raises(RuntimeError):
-        env.step("turn left")
-    uncapped = CappedBabyAIEnv(LEVEL, horizon=None)
-    uncapped.reset(3)
-    assert uncapped.max_steps > 5  # the level's own limit would have let the episode go on
+def test_paired_test_is_exact_on_small_samples_and_detects_a_real_difference():
+    assert paired_test([1, 0, 1], [1, 0, 1]) == 1.0  # no episode differs
+    # 3 episodes differ, all in favour of a: 2 of the 8 sign patterns are as extreme (all + or all -)
+    assert paired_test([1, 1, 1, 0], [0, 0, 0, 0]) == pytest.approx(2 / 8)
+    a, b = [1] * 30 + [0] * 10, [0] * 25 + [1] * 5 + [0] * 10
+    assert paired_test(a, b) < 0.001  # 25 wins against 0 losses (Monte-Carlo branch: 25 > 16 differing)
+    assert paired_test([1, 0] * 20, [0, 1] * 20) > 0.5  # as many wins as losses
+    with pytest.raises(ValueError):
+        paired_test([1, 0], [1])
 
 
-def test_rollouts_are_capped_and_rebuilt_exactly_by_env_from_meta(tmp_path):
+def test_per_level_tables_and_spread_over_seeds():
+    table = per_level(["a", "a", "b", "b", "b"], [1, 0, 1, 1, 0])
+    assert table["a"]["rate"] == 0.5 and table["a"]["n"] == 2 and table["b"]["rate"] == pytest.approx(2 / 3)
+    s = spread([0.5, 0.7, 0.9])
+    assert s["mean"] == pytest.approx(0.7) and (s["min"], s["max"]) == (0.5, 0.9) and s["std"] == pytest.approx(0.2)
+
+
+def test_training_rollouts_cycle_epsilons_and_seed_the_policy_apart_from_the_episodes(tmp_path):
     out = tmp_path / "train.jsonl"
-    summary = collect(DataConfig(levels=(LEVEL,), episodes=6, epsilon=0.9, horizon=7), out, progress=False)
+    config = DataConfig(levels=(LEVEL,), episodes=6, epsilons=(0.0, 1.0), horizon=7)
+    summary = collect(config, out, progress=False)
     rows = read_jsonl(out)
     assert summary["episodes"] == len(rows) == 6
-    assert all(len(r["steps"]) <= 7 for r in rows) and any(len(r["steps"]) == 7 for r in rows)
-    for r in rows:
-        env = env_from_meta(r["meta"])  # what `agentprm train --mc-env envs.evaluate:env_from_meta` builds
-        actions = [s["action"] for s in r["steps"]]
-        for t in range(len(actions)):
-            assert env.replay(r["meta"]["seed"], actions[:t]) == r["steps"][t]["observation"]
-        env.replay(r["meta"]["seed"], actions)
+    assert [r["meta"]["epsilon"] for r in rows] == [0.0, 1.0] * 3
+    assert all(len(r["steps"]) <= 7 for r in rows)
+    for r in rows:  # what `agentprm train --mc-env envs.evaluate:env_from_meta` rebuilds
+        env = env_from_meta(r["meta"])
+        env.replay(r["meta"]["seed"], [s["action"] for s in r["steps"]])
         assert env.done and env.last_outcome.reward == r["reward"]
+    other = tmp_path / "other.jsonl"
+    collect(DataConfig(levels=(LEVEL,), episodes=6, epsilons=(0.0, 1.0), horizon=7, policy_seed=5), other,
+            progress=False)
+    moved = read_jsonl(other)
+    assert [r["meta"]["seed"] for r in moved] == [r["meta"]["seed"] for r in rows]  # same episodes
+    assert [r["steps"] for r in moved] != [r["steps"] for r in rows]  # other random actions
 
 
-def test_held_out_episodes_skip_seeds_used_for_training(tmp_path):
-    config = DataConfig(levels=(LEVEL, "BabyAI-GoToObj-v0"))
-    first = episode_seed(1, 0)
+def test_heldout_episodes_take_exact_seeds_and_skip_training_pairs(tmp_path):
     train = tmp_path / "train.jsonl"
+    first = episode_seed(1, 0)
     train.write_text(json.dumps({"task": "t", "steps": [{"observation": "o", "action": "a"}], "reward": 0.0,
                                  "meta": {"env": "babyai", "level": LEVEL, "seed": first}}) + "\n")
-    held = heldout_episodes(config, 3, test_seed=1, train_file=train)
-    assert held[:3] == [(LEVEL, episode_seed(1, i)) for i in (1, 2, 3)]
-    assert held[3:] == [("BabyAI-GoToObj-v0", episode_seed(1, i)) for i in (0, 1, 2)]
+    held = heldout_episodes(HeldoutConfig(levels=(LEVEL, "BabyAI-GoToObj-v0"), episodes=2), train)
+    assert held == [(LEVEL, episode_seed(1, 1)), (LEVEL, episode_seed(1, 2)),
+                    ("BabyAI-GoToObj-v0", episode_seed(1, 0)), ("BabyAI-GoToObj-v0", episode_seed(1, 1))]
+    exact = heldout_episodes(HeldoutConfig(levels=(LEVEL,), seeds=(first, 11, 12)), train)
+    assert exact == [(LEVEL, 11), (LEVEL, 12)]
+
+
+def test_sampled_candidates_merge_duplicates_and_follow_the_policy():
+    env = CappedBabyAIEnv(LEVEL, 24)
+    env.reset(3)
+    expert_only = sampled_proposals(NoisyExpertPolicy(0.0, 0))
+    expert_action = ExpertPolicy().act(env)
+    assert expert_only(env, 8) == [expert_action]  # 8 samples of a deterministic policy: one candidate
+    noisy = NoisyExpertPolicy(0.7, 0)
+    draws = [sampled_proposals(noisy)(env, 8) for _ in range(200)]
+    assert all(len(d) == len(set(d)) and 1 <= len(d) <= 6 for d in draws)
+    share = sum(expert_action in d for d in draws) / len(draws)
+    rare = sum("drop" in d for d in draws) / len(draws) if expert_action != "drop" else 0.0
+    assert share > rare  # the expert's action (p = 0.42 per draw) appears more often than any one other (0.12)
+
+
+def test_action_costs_find_the_optimal_actions():
+    env = CappedBabyAIEnv("BabyAI-GoToRedBallNoDists-v0", 24)
+    expert = ExpertPolicy()
+    seed = episode_seed(5, 0)
+    env.reset(seed)
+    costs = action_costs(env, seed, [], expert)
+    assert set(costs) == set(env.valid_actions)
+    best = optimal_actions(costs)
+    assert expert.act(env.replay(seed, []) and env) in best  # the expert's own move is among the best
+    finite = [c for c in costs.values() if c is not None]
+    assert min(finite) < max(finite)  # some action wastes steps
+    assert optimal_actions({"a": None, "b": None}) == set()
 
 
 def test_best_of_n_from_one_rerank_equals_a_rerank_per_n_and_the_argmax_of_scores(live_server):
@@ -78,15 +124,60 @@ def test_best_of_n_from_one_rerank_equals_a_rerank_per_n_and_the_argmax_of_score
     assert len(set(one.values())) > 1  # the random checkpoint does prefer different candidates
 
 
-def test_random_choice_beam_search_is_reproducible_and_uses_the_noisy_proposals():
-    config = DataConfig(levels=(LEVEL,), horizon=10)
+def test_beam_search_with_baseline_choosers_is_reproducible():
     episodes = [(LEVEL, episode_seed(1, i)) for i in range(3)]
-    first = evaluate_beam(lambda seed: RandomChooser(seed), config, episodes, ((2, 2), (8, 8)), progress=False)
-    again = evaluate_beam(lambda seed: RandomChooser(seed), config, episodes, ((2, 2), (8, 8)), progress=False)
-    assert first == again
-    assert set(first) == {"2x2", "8x6"}  # 8 candidates are capped at the 6 valid actions
-    assert all(r["n"] == 3 for r in first.values())
-    policy = make_policy("noisy", 0.7, 0)
-    env = CappedBabyAIEnv(LEVEL, 10)
-    env.reset(episodes[0][1])
-    assert sorted(policy.propose(env, 6)) == sorted(env.valid_actions)
+
+    def run():
+        return evaluate_beam(lambda seed: RandomChooser(seed), lambda level: CappedBabyAIEnv(level, 10),
+                             NoisyExpertPolicy(0.7, 0), episodes, ((2, 4),))
+
+    first = run()
+    assert first == run()
+    assert len(first["2x4"]["outcomes"]) == 3 and all(o in (0, 1) for o in first["2x4"]["outcomes"])
+
+
+def test_step_discrimination_scores_every_action_at_expert_states():
+    env_factory = lambda level: CappedBabyAIEnv(level, 24)  # noqa: E731
+    expert = ExpertPolicy()
+    from envs.base import run_episode
+
+    trajectories = [run_episode(env_factory("BabyAI-GoToRedBallNoDists-v0"), expert, episode_seed(5, i))
+                    for i in range(2)]
+    states = expert_states(trajectories, env_factory, expert)
+    assert states and all(s["expert"] in s["optimal"] for s in states)
+    forward = step_discrimination(ForwardChooser(0), states)
+    assert forward["top"] == ["move forward"] * len(states)
+    assert forward["top_optimal"] == [int("move forward" in s["optimal"]) for s in states]
+
+    class Oracle:  # promises that prefer exactly the optimal actions
+        def beam_expand(self, beams, beam_width):
+            rows = []
+            for beam in beams:
+                state = next(s for s in states if s["steps"] == beam["trajectory"]["steps"]
+                             and s["observation"] == beam["observation"])
+                rows.append([SimpleNamespace(promise=float(a in state["optimal"])) for a in beam["candidates"]])
+            return SimpleNamespace(candidates=rows)
+
+    assert step_discrimination(Oracle(), states)["top_optimal"] == [1] * len(states)
+
+
+def test_summary_averages_seeds_and_tests_against_baselines():
+    levels = ["L1"] * 10 + ["L2"] * 10
+    good, bad = [1] * 20, [0] * 20
+    test = {"levels": levels, "state_levels": ["L1"] * 4, "optimal_sizes": [1] * 4, "forward_optimal": [0] * 4,
+            "forward_expert": [0] * 4}
+    records = {
+        "config": {"beams": [[2, 4]]}, "test": test,
+        "runs": [{"method": "agentprm", "seed": s, "records": {"beam": {"2x4": {"outcomes": good if s else bad}},
+                                                               "steps": {"top_optimal": [1] * 4, "top_expert": [1] * 4}}}
+                 for s in (0, 1)],
+        "baselines": {"random": {"beam": {"2x4": {"outcomes": bad}}}, "sampler": {"bon": {"1": bad}}},
+    }
+    summary = summarise(records)
+    beam = summary["methods"]["agentprm"]["beam 2x4"]
+    assert beam["seeds"]["mean"] == 0.5 and (beam["seeds"]["min"], beam["seeds"]["max"]) == (0.0, 1.0)
+    assert beam["paired"]["random"]["diff"] == 0.5 and beam["paired"]["random"]["p"] < 0.001
+    assert beam["paired"]["sampler"]["diff"] == 0.5  # the sampler's single sample stands beside beam search
+    assert beam["per_level"]["L1"]["rate"] == 0.5
+    top = summary["methods"]["agentprm"]["top_optimal"]
+    assert top["paired"]["forward"]["diff"] == 1.0 and top["paired"]["uniform"]["diff"] == pytest.approx(5 / 6)

@@ -22,9 +22,9 @@ from training.sharding import ScaleConfig
 from training.trainer import init_distributed
 
 
-def run(arch: str, folder: Path, scale: ScaleConfig, info):
+def run(arch: str, folder: Path, scale: ScaleConfig, info, **config):
     init, train_ex, val_ex = setup(arch, folder)
-    t = trainer(init, info, scale)
+    t = trainer(init, info, scale, **config)
     result = t.fit(train_ex, val_ex)
     return t, result
 
@@ -48,7 +48,7 @@ def main(folder: str, out: str) -> None:
     resumed = t.export_model()
     report["shards"] = sorted(p.name for p in (Path(checkpoints) / "step-000003").iterdir())
 
-    _, result = run("llama", folder, ScaleConfig(parallel="fsdp", precision="bf16"), info)
+    _, result = run("llama", folder, ScaleConfig(parallel="fsdp"), info, precision="bf16")
     report["bf16"] = [h["loss"] for h in result.history]
     if info.main:
         save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(out / "full.safetensors"))

@@ -79,6 +79,74 @@ def make_dataset(n_seeds: int, samples: int = 4, first_seed: int = 0) -> list[di
     return rows
 
 
+COLOURS = ("red", "green", "blue", "purple", "yellow", "grey")
+
+
+class DoorEnv(TextEnv):
+    """Task matching: "open the red door" in a room with three doors of different colours.
+
+    Episode `seed`: 1-3 "walk on" steps through a corridor, then a room with three doors (the task's colour
+    among them, in a random order); the valid actions there are "open the C door" for each visible colour.
+    After the choice one more "walk through" step ends the episode; reward 1 iff the opened door's colour is
+    the task's. Nothing after the choice reveals the outcome, so a PRM must match the action's colour word
+    against the task's: the task-matching skill the BabyAI levels need, in a form that trains in seconds.
+    """
+
+    name = "doors"
+    valid_actions: tuple[str, ...] = (WALK,)
+
+    def _reset(self, seed: int) -> tuple[str, str, int]:
+        rng = random.Random(seed)
+        self.target = rng.choice(COLOURS)
+        others = rng.sample([c for c in COLOURS if c != self.target], 2)
+        self.doors = [self.target, *others]
+        rng.shuffle(self.doors)
+        self.corridor = rng.randint(1, 3)
+        self.t = 0
+        self.opened = None
+        self._set_actions()
+        return f"open the {self.target} door", self._observation(), self.corridor + 2
+
+    def _observation(self) -> str:
+        if self.t < self.corridor:
+            return f"You walk down a corridor ({self.corridor - self.t} more steps to the room)."
+        if self.t == self.corridor:
+            return f"You see a {self.doors[0]} door, a {self.doors[1]} door and a {self.doors[2]} door."
+        return "A door stands open in front of you."
+
+    def _set_actions(self) -> None:
+        if self.t == self.corridor:
+            self.valid_actions = tuple(f"open the {c} door" for c in self.doors)
+        elif self.t > self.corridor:
+            self.valid_actions = ("walk through",)
+        else:
+            self.valid_actions = (WALK,)
+
+    def _step(self, action: str, render: bool = True) -> StepOutcome:
+        if action not in self.valid_actions:
+            return StepOutcome(f"You cannot {action} here. " + self._observation(), 0.0, False, False)
+        if self.t == self.corridor:
+            self.opened = action.split()[2]
+        self.t += 1
+        if self.t == self.corridor + 2:
+            success = self.opened == self.target
+            return StepOutcome("You went through.", 1.0 if success else 0.0, True, success)
+        self._set_actions()
+        return StepOutcome(self._observation(), 0.0, False, False)
+
+
+def make_door_dataset(n_seeds: int, samples: int = 2, first_seed: int = 0) -> list[dict]:
+    """`samples` random-policy episodes of `DoorEnv` from each of `n_seeds` initial states (success ~1/3)."""
+    env = DoorEnv()
+    rows = []
+    for seed in range(first_seed, first_seed + n_seeds):
+        for j in range(samples):
+            row = run_episode(env, RandomPolicy(seed=j), seed)
+            row["meta"]["choice_step"] = env.corridor
+            rows.append(row)
+    return rows
+
+
 def evaluate_checkpoint(path, n_seeds: int = 100, samples: int = 2, first_seed: int = 50_000) -> dict:
     """Serve a checkpoint (PRMEngine, CPU) on fresh walks: AUC of the last promise, the mean promise change at
     the fork (successes, failures) and elsewhere, and the MSE of every promise against the true on-policy
