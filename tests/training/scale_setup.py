@@ -6,6 +6,7 @@ the same model from the same seed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from service.engine.render import Renderer
@@ -28,7 +29,7 @@ def config_file(arch: str, folder: Path) -> Path:
     import json
 
     config = llama_config() if arch == "llama" else qwen2_config(600, 0, 2, 32, MAX_SEQ_LEN)
-    path = Path(folder) / f"{arch}.json"
+    path = Path(folder) / f"{arch}-{os.getpid()}.json"  # one per process: the FSDP workers share `folder`
     path.write_text(json.dumps(config))
     return path
 
