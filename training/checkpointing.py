@@ -146,8 +146,6 @@ class Checkpointer:
             _assign_local(params[n], tensors[f"model/{n}"])
         self._load_optimizer(optimizer, params, tensors)
         best = {k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")}
-        by_state_name = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in params.items()}
-        best = {n: self._like(by_state_name[n], v) for n, v in best.items()}  # DTensor shards under FSDP
         set_rng_state(state["rng"])
         return state, (best or None)
 

@@ -375,10 +375,19 @@ class Trainer:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Copies of the weights training changes (all of them, or a LoRA run's adapters and head)."""
+        self.reshard()
         # state_dict names (activation checkpointing's wrappers hide their prefix there, not in named_parameters)
-        copy = (lambda p: p.detach().clone()) if self.sharded else (lambda p: p.detach().to("cpu", copy=True))
-        return {n.replace(CHECKPOINT_PREFIX, ""): copy(p)  # under FSDP: DTensor shards, for FSDP's load_state_dict
+        return {n.replace(CHECKPOINT_PREFIX, ""): _local(p).detach().to("cpu", copy=True)  # FSDP: this rank's shard
                 for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def reshard(self) -> None:
+        """FSDP: free gathered weights, so the registered parameters are the shards again. A forward without a
+        backward (evaluation) leaves the root group gathered; reading or writing weights then would touch
+        the gathered copy instead of the shards."""
+        if self.sharded:
+            for module in self.model.modules():
+                if hasattr(module, "reshard"):
+                    module.reshard()
 
     def export_model(self) -> PRMModel | None:
         """The trained PRM as a plain module (shards gathered, adapters merged, no checkpoint wrappers) on the
@@ -386,6 +395,7 @@ class Trainer:
         from training import sharding
         from training.lora import merge_lora
 
+        self.reshard()
         if self.sharded:
             from training.backbone import build_backbone
 
@@ -494,6 +504,7 @@ class Trainer:
             return track["bad_evals"] >= c.patience
 
         def save_checkpoint(epoch: int, next_batch: int) -> None:
+            self.reshard()
             if next_batch >= len(plans[epoch]):  # the epoch is done: resume at the next one
                 epoch, next_batch = epoch + 1, 0
             checkpointer.save(result.steps, self.model, optimizer, {
@@ -574,13 +585,11 @@ class Trainer:
                            if k not in ("progress", "log_path")}}
 
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
-        if self.sharded:  # an evaluation forward leaves the root group gathered: drop that copy first
-            for module in self.model.modules():
-                if hasattr(module, "reshard"):
-                    module.reshard()
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or set(missing) & set(state):
-            raise RuntimeError(f"best weights do not match the model (unexpected {unexpected[:3]})")
+        self.reshard()
+        params = {n.replace(CHECKPOINT_PREFIX, ""): p for n, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for name, value in state.items():
+                _local(params[name]).copy_(_local(value))  # FSDP: this rank's shard
 
 
 def _max_over_processes(value: int) -> int:
@@ -589,6 +598,11 @@ def _max_over_processes(value: int) -> int:
     box = torch.tensor([value])
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the shard of a DTensor (FSDP), the tensor itself otherwise."""
+    return value.to_local() if hasattr(value, "to_local") else value
 
 
 def _full(value):
