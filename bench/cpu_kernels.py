@@ -44,7 +44,7 @@ def linear_rates(shapes, repeats: int = 10) -> list[dict]:
 
 def pass_size_rates(checkpoint: str, sequences: int, budgets=(512, 1024, 2048, 4096, 8192), seed: int = 0):
     from service.engine.packed import PackedQwen2
-    from service.engine.prm import load_prm
+    from model_store.modeling import load_prm
 
     model = load_prm(checkpoint).model
     packed = PackedQwen2(model.backbone)

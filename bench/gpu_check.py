@@ -59,8 +59,8 @@ def close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> tuple[bool, float
 
 
 def kernel_cases(report: Report, device, dtypes, interpreted: bool) -> None:
-    from service.engine.kernels import value_head_readout_ref
-    from service.engine.triton_kernels import value_head_readout_triton
+    from model_store.kernels import value_head_readout_ref
+    from model_store.triton_kernels import value_head_readout_triton
 
     for dtype in dtypes:
         for n in READOUTS:
@@ -81,7 +81,7 @@ def interpreter_only() -> int:
     except ImportError:
         print("the `triton` package is not installed: the interpreter check is skipped too.")
         return 0
-    if "service.engine.triton_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    if "model_store.triton_kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         print("the Triton kernel module was imported before TRITON_INTERPRET=1 was set: run this as a fresh process.")
         return 1
     print(f"Triton {triton.__version__} interpreter (TRITON_INTERPRET=1), CPU tensors:")
@@ -121,8 +121,8 @@ def wall_ms(fn, iters: int) -> float:
 
 
 def readout_section(report: Report, model, dtype, iters: int) -> None:
-    from service.engine.kernels import value_head_readout_ref
-    from service.engine.triton_kernels import value_head_readout_triton
+    from model_store.kernels import value_head_readout_ref
+    from model_store.triton_kernels import value_head_readout_triton
 
     head = model.value_head
     vocab = model.backbone.config.vocab_size
@@ -202,8 +202,8 @@ def graph_section(report: Report, model, dtype, pad_id: int, iters: int) -> None
 
 def gpu(args) -> int:
     from model_store.export import init_random
-    from service.engine import kernels
-    from service.engine.prm import load_prm
+    from model_store import kernels
+    from model_store.modeling import load_prm
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference readout must stay fp32
     torch.backends.cudnn.allow_tf32 = False

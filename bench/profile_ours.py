@@ -78,9 +78,9 @@ def _w3_call(engine, builder, gen, step: int = 8) -> dict:
 
     def counted(jobs):  # the runner's own per-batch stats: right on every backend (packed, padded, graphs)
         out = run_batch(jobs)
-        passes["forwards"] += runner.last_stats.forwards
-        passes["padded_tokens"] += runner.last_stats.padded_tokens
-        passes["batch_shapes"] += runner.last_stats.shapes
+        passes["forwards"] += out.stats.forwards
+        passes["padded_tokens"] += out.stats.padded_tokens
+        passes["batch_shapes"] += out.stats.shapes
         return out
 
     async def go():

@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     cache_bytes = args.cache_bytes if args.cache_bytes is not None else (
         EngineConfig().prefix_cache_bytes if args.workload == "soak" else 0)
     engine = PRMEngine.from_checkpoint(args.checkpoint, EngineConfig(device="cpu", prefix_cache_bytes=cache_bytes))
-    if args.blas and engine.runner.packed is not None:
-        engine.runner.packed = PackedQwen2(engine.loaded.model.backbone, onednn=False)
+    if args.blas and engine.runner.backend == "packed":
+        engine.runner.executor.packed = PackedQwen2(engine.loaded.model.backbone, onednn=False)
     if args.workload == "batches":
         rng = np.random.default_rng(0)
         for r in range(args.rounds):

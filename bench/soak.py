@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+
+from clients.local_server import ServerProcess, ServerStartError, free_port, serve_command
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECTS = ("red ball", "blue key", "yellow door", "green box", "grey wall", "purple ball")
@@ -74,12 +75,6 @@ def body_pool(seed: int = 0, size: int = 400) -> list[tuple[str, dict]]:
     return pool
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_model() -> str:
     path = REPO / ".cache" / "soak-model"
     if not (path / "manifest.json").is_file():
@@ -92,23 +87,13 @@ def default_model() -> str:
 
 def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    log = open(SERVER_LOG, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "info", "--log-format", "json", *extra],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see .cache/soak-server.log")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server not ready after 300 s")
+    server = ServerProcess(serve_command(port, model, "--log-format", "json", *extra, device=None, log_level="info"),
+                           f"http://127.0.0.1:{port}", log_path=SERVER_LOG)
+    try:
+        server.start(timeout_s=300)
+    except ServerStartError as exc:
+        raise SystemExit(f"the server did not start ({exc}); see .cache/soak-server.log") from None
+    return server.proc, server.url
 
 
 def rss_bytes(pid: int) -> int:

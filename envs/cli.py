@@ -51,7 +51,8 @@ def _data_config(args):
     from envs.evaluate import DataConfig
 
     return DataConfig(levels=args.levels, episodes=args.episodes, policy=args.policy, epsilons=args.epsilons,
-                      horizon=args.horizon, seed=args.seed, policy_seed=args.policy_seed)
+                      horizon=args.horizon, seed=args.seed, policy_seed=args.policy_seed,
+                      samples_per_start=args.samples_per_start)
 
 
 def _train_config(args):
@@ -178,6 +179,8 @@ def _add_data_flags(p) -> None:
     p.add_argument("--horizon", type=int, default=d.horizon, help=f"episode step cap [default: {d.horizon}]")
     p.add_argument("--seed", type=int, default=d.seed, help="base seed of the training episodes")
     p.add_argument("--policy-seed", type=int, default=d.policy_seed, help="seed of the sampler's own randomness")
+    p.add_argument("--samples-per-start", type=int, default=d.samples_per_start,
+                   help=f"episodes sampled from each initial state [default: {d.samples_per_start}]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

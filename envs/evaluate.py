@@ -7,8 +7,10 @@ Contract:
 - Training rollouts (`collect`): on `DataConfig.levels`, episode i of each level from
   `episode_seed(config.seed, i)`; the noisy expert's epsilon cycles through `DataConfig.epsilons` episode by
   episode (a mixture from near-expert to random: near-expert episodes say what an efficient path is worth,
-  noisy ones put every action in every kind of state), and its randomness is seeded by
-  (`policy_seed`, episode seed), separately from the episodes.
+  noisy ones put every action in every kind of state). `samples_per_start` consecutive episodes share one
+  initial state (seed) and differ in the sampler's randomness (seeded by `policy_seed`, the episode seed and
+  the sample), so the data holds different actions taken in the same states and what each led to: the
+  contrast a PRM needs to rank actions, not only states.
 - Test sets (`heldout_set`) are built on `HeldoutConfig.levels`, levels absent from the training mix by default
   (`HELDOUT_LEVELS`), with exact seeds (`HeldoutConfig.seeds`, or `episodes` seeds from `seed_base`), and any
   (level, seed) that occurs in the training file is skipped. For each test episode: `n_max` samples of the
@@ -69,16 +71,19 @@ class DataConfig:
     levels: tuple[str, ...] = TRAIN_LEVELS
     episodes: int = 300  # per level
     policy: str = "noisy"
-    epsilons: tuple[float, ...] = (0.05, 0.2, 0.4, 0.7, 1.0)  # cycled episode by episode
+    epsilons: tuple[float, ...] = (0.05, 0.15, 0.3, 0.5, 0.75)  # cycled episode by episode
     horizon: int = 24
     seed: int = 0  # episode seeds
     policy_seed: int = 0  # the sampler's own randomness
+    samples_per_start: int = 4  # trajectories sampled from each initial state (episodes / this = distinct starts)
 
     def check(self) -> None:
         if not self.levels:
             raise ValueError("no training levels given")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.samples_per_start < 1:
+            raise ValueError(f"samples_per_start must be >= 1, got {self.samples_per_start}")
         if not self.epsilons or any(not 0.0 <= e <= 1.0 for e in self.epsilons):
             raise ValueError(f"epsilons must be in [0, 1], got {self.epsilons}")
         if self.horizon < 1:
@@ -121,8 +126,10 @@ def collect(config: DataConfig, out: Path | str, progress: bool = True) -> dict:
         for level in config.levels:
             env = CappedBabyAIEnv(level, config.horizon)
             for i in range(config.episodes):
-                seed = episode_seed(config.seed, i)
-                rows.append(run_episode(env, policies[i % len(policies)], seed, derive_seed("policy", seed)))
+                first_state, sample = divmod(i, config.samples_per_start)
+                seed = episode_seed(config.seed, first_state)
+                policy_seed = derive_seed("policy", config.policy_seed, seed, sample)
+                rows.append(run_episode(env, policies[i % len(policies)], seed, policy_seed, {"sample": sample}))
                 bar.update(1)
     write_jsonl(rows, Path(out))
     return {"out": str(out), "episodes": len(rows), "seconds": round(time.perf_counter() - start, 2),

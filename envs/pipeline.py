@@ -2,9 +2,9 @@
 one `agentprm serve` per checkpoint -> Best-of-N, beam search and the step-level check -> summary and report.
 
 Contract:
-- Everything a verifier is judged on goes through the HTTP service and the SDK (`Server` runs
-  `python -m service.cli serve` of this source tree on 127.0.0.1 and a free port; without a model it serves
-  the shipped default).
+- Everything a verifier is judged on goes through the HTTP service and the SDK (`served` runs
+  `python -m service.cli serve` of this source tree on 127.0.0.1 and a free port through
+  `clients.local_server`; without a model it serves the shipped default).
 - `TrainConfig` holds the `agentprm train` settings every method shares (the comparison is fair); each method
   is trained once per seed in `seeds`. A given checkpoint (`--checkpoint METHOD=DIR`) replaces the first
   seed's training after checking it was trained on the same rollouts.
@@ -33,71 +33,18 @@ BEAMS = ((2, 4), (4, 4), (8, 8))
 DEFAULT_NAME = "agentprm-babyai-small"
 
 
-def child_env(threads: int) -> dict:
-    """Environment of the train and serve subprocesses: `threads` OpenMP/torch threads (one is fastest for these
-    small models on a shared 2-core CPU: two spinning OpenMP threads stall whenever another process holds a
-    core)."""
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def thread_env(threads: int) -> dict[str, str]:
+    """OpenMP/torch threads of the train and serve subprocesses (one is fastest for these small models on a
+    shared 2-core CPU: two spinning OpenMP threads stall whenever another process holds a core)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def free_port() -> int:
-    import socket
+def served(checkpoint: Path | str | None = None, log: Path | None = None, threads: int = 1):
+    """`agentprm serve [--model CKPT]` of this tree on 127.0.0.1 (the shipped default without a checkpoint),
+    for a `with` block; `.url` is its address."""
+    from clients.local_server import local_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`python -m service.cli serve [--model CKPT]` of this tree on 127.0.0.1 and a free port, for a `with` block."""
-
-    def __init__(self, checkpoint: Path | str | None = None, ready_timeout_s: float = 180.0, log: Path | None = None,
-                 threads: int = 1) -> None:
-        self.checkpoint = str(checkpoint) if checkpoint else None
-        self.ready_timeout_s, self.log, self.threads = ready_timeout_s, log, threads
-        self.url = ""
-        self.proc: subprocess.Popen | None = None
-        self._out = subprocess.DEVNULL
-
-    def command(self, port: int) -> list[str]:
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--device", "cpu", "--log-level", "warning"]
-        return cmd + (["--model", self.checkpoint] if self.checkpoint else [])
-
-    def __enter__(self) -> "Server":
-        import httpx
-
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self._out = open(self.log, "w") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(self.command(port), cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
-                                     env=child_env(self.threads))
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.__exit__()
-                raise RuntimeError(f"agentprm serve exited with code {code}" + (f"; see {self.log}" if self.log else ""))
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise TimeoutError(f"agentprm serve ({self.checkpoint or 'default'}) not ready after {self.ready_timeout_s:.0f}s")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._out is not subprocess.DEVNULL:
-            self._out.close()
-            self._out = subprocess.DEVNULL
+    return local_server(checkpoint, env=thread_env(threads), log_path=log, ready_timeout_s=300.0)
 
 
 # -- training ------------------------------------------------------------------------------------------------
@@ -106,9 +53,9 @@ class Server:
 class TrainConfig:
     """The `agentprm train` settings shared by every method (so the comparison is fair)."""
 
-    layers: int = 4
-    hidden: int = 128
-    epochs: int = 6
+    layers: int = 2
+    hidden: int = 64
+    epochs: int = 8
     lr: float | None = None  # None: the trainer's default
     batch_size: int = 32
     max_seq_len: int = 2048
@@ -116,7 +63,7 @@ class TrainConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     mc_rollouts: int = 4
     workers: int = 1
-    threads: int = 1  # OMP_NUM_THREADS of the training process (see child_env)
+    threads: int = 1  # OMP_NUM_THREADS of the train and serve subprocesses (see thread_env)
 
     def command(self, method: str, data: Path | str, out: Path | str, seed: int, name: str | None = None
                 ) -> list[str]:
@@ -139,7 +86,7 @@ def train(method: str, data: Path | str, out: Path | str, config: TrainConfig, s
     """Run `agentprm train` (this tree's `python -m service.cli train`); the command line as a user types it."""
     cmd = config.command(method, data, out, seed, name)
     run = [sys.executable, "-m", "service.cli", *cmd[1:]] + ([] if progress else ["--no-progress"])
-    subprocess.run(run, cwd=REPO, check=True, env=child_env(config.threads))
+    subprocess.run(run, cwd=REPO, check=True, env={**os.environ, **thread_env(config.threads)})
     return shlex.join(cmd)
 
 
@@ -244,8 +191,8 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
     test = timed("test set: samples, expert, optimal actions", heldout_set, config.test, data_file, config.progress)
     for run in runs:
         def evaluate(run=run):
-            with Server(run["checkpoint"], log=work / f"serve-{run['method']}-{run['seed']}.log",
-                        threads=config.train.threads) as server, PRMClient(server.url, timeout=300.0) as prm:
+            with served(run["checkpoint"], work / f"serve-{run['method']}-{run['seed']}.log",
+                        config.train.threads) as server, PRMClient(server.url, timeout=300.0) as prm:
                 return evaluate_chooser(prm, test, config, f"{run['method']}/{run['seed']}")
 
         run.update(checkpoint_facts(run["checkpoint"]))

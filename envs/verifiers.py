@@ -40,12 +40,12 @@ class RandomChooser:
     def score_action(self, action: str) -> float:
         return self.rng.random()
 
-    def rerank(self, task, candidates, aggregate="last", top_n=None):
+    def rerank(self, task, candidates, aggregate="last", top_n=None, episode_id=None):
         order = list(range(len(candidates)))
         self.rng.shuffle(order)
         return SimpleNamespace(results=[SimpleNamespace(index=i, score=0.0) for i in order[:top_n]])
 
-    def beam_expand(self, beams, beam_width):
+    def beam_expand(self, beams, beam_width, episode_id=None):  # episode_id: the SDK's routing header, unused
         scored = [[SimpleNamespace(promise=self.score_action(a), progress=0.0) for a in beam["candidates"]]
                   for beam in beams]
         flat = [SimpleNamespace(beam=b, candidate=c, promise=s.promise, progress=0.0)
@@ -82,7 +82,7 @@ def bon_picks(prm, task: str, candidates: list[list[dict]], ns: tuple[int, ...],
     from clients.search import best_of_n
 
     if per_n:
-        return {n: best_of_n(prm, task, candidates[:n]) for n in ns}
+        return {n: best_of_n(prm, task, candidates[:n]).index for n in ns}
     ranked = prm.rerank(task, candidates, aggregate="last").results
     position = {r.index: p for p, r in enumerate(ranked)}
     return {n: min(range(min(n, len(candidates))), key=position.__getitem__) for n in ns}

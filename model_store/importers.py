@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from model_store.export import save_checkpoint
 from model_store.manifest import Template, TrainingInfo
-from model_store.store import PICKLE_SUFFIXES, CheckpointError
+from model_store.modeling import build_backbone, load_weights, read_safetensors_folder
+from model_store.store import CheckpointError
 
 HEADS = {
     "seq-cls": ("score.weight", None, "sigmoid"),
@@ -40,18 +40,11 @@ def read_source(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     config_file = src / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (an importer needs a Hugging Face model folder)")
-    pickles = [p.name for p in src.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        hint = f" (found pickle files {pickles}: convert them to safetensors first)" if pickles else ""
-        raise CheckpointError(f"{src}: no *.safetensors weights{hint}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except Exception as exc:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from None
-    return json.loads(config_file.read_text()), tensors
+    tensors = read_safetensors_folder(src)
+    try:
+        return json.loads(config_file.read_text()), tensors
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
 
 
 def detect_kind(tensors: dict[str, torch.Tensor]) -> str:
@@ -79,8 +72,6 @@ def import_value_model(src: Path | str, out: Path | str, *, name: str, version: 
                        activation: str | None = None, max_seq_len: int | None = None, overwrite: bool = False):
     from tokenizers import Tokenizer
 
-    from service.engine.prm import build_backbone
-
     src = Path(src)
     config, tensors = read_source(src)
     kind = detect_kind(tensors) if kind == "auto" else kind
@@ -104,13 +95,14 @@ def import_value_model(src: Path | str, out: Path | str, *, name: str, version: 
     if missing:
         tokenizer.add_special_tokens(missing)
 
-    backbone = build_backbone(config)
+    try:
+        backbone = build_backbone(config)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{src / 'config.json'}: cannot build the backbone ({exc})") from None
     state = split_backbone(tensors)
+    # Tensors the backbone does not use (a wrapper's extras) are dropped; missing ones or wrong shapes refuse.
     expected = backbone.state_dict()
-    absent = sorted(set(expected) - set(state))
-    if absent:
-        raise CheckpointError(f"{src}: backbone tensors missing after import: {absent[:3]}")
-    backbone.load_state_dict({k: state[k] for k in expected}, strict=True)
+    load_weights(backbone, {k: v for k, v in state.items() if k in expected}, src)
     vocab = tokenizer.get_vocab_size()
     embeddings = backbone.get_input_embeddings()
     if vocab > embeddings.weight.shape[0]:

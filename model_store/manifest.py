@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -30,8 +30,17 @@ class Template(BaseModel):
     action_prefix: str = "<|act|>"
     action_end: str = "<|end|>"
     state_end: str = "<|state|>"
-    # When set, the name of a chat template that wraps the rendering. Not used by the models we ship.
+    # Reserved: a chat template wrapping the rendering. Nothing renders one yet, so a manifest that sets it
+    # is refused rather than silently served with a rendering its model was not trained on.
     chat_template: str | None = None
+
+    @field_validator("chat_template")
+    @classmethod
+    def _no_chat_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError("chat templates are not supported: trajectories are rendered segment-wise with the "
+                             "marker tokens (docs/ARCHITECTURE.md, 'Rendering'); remove the field or set it to null")
+        return value
 
     def markers(self) -> list[str]:
         return [self.task_prefix, self.observation_prefix, self.action_prefix, self.action_end, self.state_end]

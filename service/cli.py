@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from model_store.store import CheckpointError
+from service.engine.types import AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS
 
 PLUGINS = ("training.cli", "envs.cli", "bench.cli")
 
@@ -126,7 +127,7 @@ def cmd_score(args) -> int:
             with tqdm(total=len(trajectories), unit="traj", disable=args.out is None, desc="scoring") as bar:
                 for start in range(0, len(trajectories), chunk):
                     part = trajectories[start:start + chunk]
-                    result = await engine.score("default", part, args.aggregate)
+                    result = await engine.score(DEFAULT_MODEL_ALIAS, part, args.aggregate)
                     for r in result.results:
                         out.write(json.dumps({"score": r.score, "initial_value": r.initial_value,
                                               "steps": [{"promise": s.promise, "progress": s.progress}
@@ -159,7 +160,7 @@ def cmd_model_init_random(args) -> int:
 
 
 def cmd_model_verify(args) -> int:
-    from service.engine.prm import load_prm
+    from model_store.modeling import load_prm
 
     from model_store.store import resolve_checkpoint
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score a JSONL file of trajectories offline with the serving engine")
     p.add_argument("file", help="JSONL, one {task, steps: [{observation, action}]} per line")
     p.add_argument("--out", help="output JSONL (default: stdout)")
-    p.add_argument("--aggregate", default="last", choices=["last", "min", "mean", "prod"])
+    p.add_argument("--aggregate", default=DEFAULT_AGGREGATE, choices=AGGREGATES)
     p.add_argument("--chunk", type=int, default=64, help="trajectories per engine call")
     _add_server_flags(p, serve=False)
     p.set_defaults(func=cmd_score)

@@ -2,8 +2,8 @@
 
 `configure(level, fmt)` installs one stderr handler on the root logger (uvicorn's loggers propagate to
 it). With fmt="json" every record is one JSON object: ts (ISO 8601, UTC), level, logger, message, and
-the structured fields a caller passes through `extra=` (see FIELDS: request_id, method, route, status,
-duration_ms, tokens ...). The access log (logger "agentprm.access", written by the API middleware)
+the structured fields a caller passes through `extra=` (see FIELDS: request_id, episode_id, method, route,
+status, duration_ms, tokens ...). The access log (logger "agentprm.access", written by the API middleware)
 carries only those fields: request bodies are never logged.
 """
 
@@ -15,8 +15,8 @@ import sys
 from datetime import datetime, timezone
 
 # Structured fields copied from a record's `extra` into the JSON object (and appended to text lines).
-FIELDS = ("request_id", "method", "route", "path", "status", "duration_ms", "prompt_tokens", "computed_tokens",
-          "cached_tokens", "client", "event", "inflight", "exit_code")
+FIELDS = ("request_id", "episode_id", "method", "route", "path", "status", "duration_ms", "prompt_tokens",
+          "computed_tokens", "cached_tokens", "client", "event", "inflight", "exit_code")
 
 
 def _fields(record: logging.LogRecord) -> dict:

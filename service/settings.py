@@ -13,64 +13,92 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_MODEL = "agentprm-babyai-small"
+from service.api.config import ApiConfig
+from service.engine.config import BACKENDS, EngineConfig
+
+DEFAULT_MODEL = "agentprm-babyai-small"  # the checkpoint shipped in model_store/checkpoints/
+_ENGINE, _API = EngineConfig(), ApiConfig()
 
 SERVE_ONLY = frozenset({"host", "port", "log_level", "log_format", "access_log", "api_key", "api_key_file",
                         "metrics_auth", "max_body_bytes", "request_timeout_s", "max_request_timeout_s",
-                        "max_inflight_requests", "drain_timeout_s", "keep_alive_s"})
+                        "max_inflight_requests", "drain_timeout_s", "keep_alive_s", "reward_step_format",
+                        "reward_step_delimiter", "reward_aggregate"})
 
 
 class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTPRM_", extra="ignore", protected_namespaces=())
 
     model: str = Field(DEFAULT_MODEL, description="Checkpoint path, or name[:version] in the store")
-    store: str | None = Field(None, description="Model store folder (default: the checkpoints shipped in model_store/)")
+    store: str | None = Field(None,
+        description="Model store folder (default: the checkpoints shipped in model_store/)")
     host: str = Field("127.0.0.1", description="Address to bind")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    max_batch_tokens: int = Field(16384, ge=1, description="Token budget of one dynamic batch")
-    max_wait_ms: float = Field(0.0, ge=0, description="How long a batch waits for more requests (0: none; "
-                                                      "requests that arrive while a batch runs form the next)")
-    max_forward_tokens: int = Field(0, ge=0, description="Tokens per forward pass inside a batch (padded B x T on "
-                                                         "the padded backend); 0: 2048 on a CPU, 8192 on a GPU")
-    max_queue_jobs: int = Field(4096, ge=1, description="Queued sequences beyond which requests get 429")
-    max_queue_tokens: int = Field(1 << 20, ge=1, description="Queued tokens beyond which requests get 429")
-    max_queue_delay_s: float = Field(10.0, ge=0, description="Queued work, in seconds at the measured throughput, "
-                                                             "beyond which requests get 429 (0: no bound)")
-    prefix_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Bytes of KV the cross-request prefix "
-                                                                          "cache may hold (0: off); one buffer of "
-                                                                          "this size, reused on eviction")
-    prefix_block_size: int = Field(32, ge=1, le=4096, description="Tokens per prefix-cache block (a prefix is "
-                                                                  "reused in whole blocks)")
-    share_prefixes: bool = Field(True, description="Compute the prefix a request's candidates share once")
-    backend: Literal["auto", "packed", "padded"] = Field(
-        "auto", description="Forward pass: packed (no padding; the default on a CPU for Qwen2 backbones) or "
-                            "padded (transformers; the default on a GPU)")
-    cuda_graphs: bool = Field(True, description="On a GPU, replay captured CUDA graphs for small passes")
-    max_inflight_requests: int = Field(1024, ge=1, description="Scoring requests in progress beyond which "
-                                                                "new ones get 429")
-    max_trajectories: int = Field(256, ge=1, description="Trajectories per /v1/score request")
-    max_candidates: int = Field(512, ge=1, description="Candidates per /v1/rerank or /v1/beam-expand request")
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit (413 beyond)")
-    request_timeout_s: float = Field(30.0, gt=0, description="Default deadline of a scoring request (504 beyond); "
-                                                             "a request's timeout_s overrides it")
-    max_request_timeout_s: float = Field(300.0, gt=0, description="Cap on a request's own timeout_s")
+    device: str = Field(_ENGINE.device, description="auto, cpu, cuda or cuda:N")
+    max_batch_tokens: int = Field(_ENGINE.max_batch_tokens, ge=1, description="Token budget of one dynamic batch")
+    max_wait_ms: float = Field(_ENGINE.max_wait_ms, ge=0,
+        description="How long a batch waits for more requests (0: none; requests that arrive while a batch runs "
+                    "form the next)")
+    max_forward_tokens: int = Field(_ENGINE.max_forward_tokens, ge=0,
+        description="Tokens per forward pass inside a batch (padded B x T on the padded backend); 0: 2048 on a "
+                    "CPU, 8192 on a GPU")
+    max_queue_jobs: int = Field(_ENGINE.max_queue_jobs, ge=1,
+        description="Queued sequences beyond which requests get 429")
+    max_queue_tokens: int = Field(_ENGINE.max_queue_tokens, ge=1,
+        description="Queued tokens beyond which requests get 429")
+    max_queue_delay_s: float = Field(_ENGINE.max_queue_delay_s, ge=0,
+        description="Queued work, in seconds at the measured throughput, beyond which requests get 429 (0: no "
+                    "bound)")
+    prefix_cache_bytes: int = Field(_ENGINE.prefix_cache_bytes, ge=0,
+        description="Bytes of KV the cross-request prefix cache may hold (0: off); one buffer of this size, "
+                    "reused on eviction")
+    prefix_block_size: int = Field(_ENGINE.prefix_block_size, ge=1, le=4096,
+        description="Tokens per prefix-cache block (a prefix is reused in whole blocks)")
+    share_prefixes: bool = Field(_ENGINE.share_prefixes,
+        description="Compute the prefix a request's candidates share once")
+    backend: Literal[BACKENDS] = Field(_ENGINE.backend,
+        description="Forward pass: packed (no padding; the default on a CPU for Qwen2 backbones) or padded "
+                    "(transformers; the default on a GPU)")
+    cuda_graphs: bool = Field(_ENGINE.cuda_graphs,
+        description="On a GPU, replay captured CUDA graphs for small passes")
+    max_inflight_requests: int = Field(_API.max_inflight_requests, ge=1,
+        description="Scoring requests in progress beyond which new ones get 429")
+    max_trajectories: int = Field(_ENGINE.max_trajectories, ge=1, description="Trajectories per /v1/score request")
+    max_candidates: int = Field(_ENGINE.max_candidates, ge=1,
+        description="Candidates per /v1/rerank or /v1/beam-expand request")
+    max_body_bytes: int = Field(_API.max_body_bytes, ge=1024, description="Request body limit (413 beyond)")
+    request_timeout_s: float = Field(_API.request_timeout_s, gt=0,
+        description="Default deadline of a scoring request (504 beyond); a request's timeout_s overrides it")
+    max_request_timeout_s: float = Field(_API.max_request_timeout_s, gt=0,
+        description="Cap on a request's own timeout_s")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight requests may take "
                                                            "to finish before the process exits")
     keep_alive_s: float = Field(65.0, gt=0, description="How long an idle client connection stays open; longer "
                                                        "than clients' and proxies' own idle timeouts, so they "
                                                        "close first")
-    max_consecutive_failures: int = Field(5, ge=0, description="Failed batches in a row after which the engine "
-                                                               "is declared dead and the process exits (0: never)")
+    max_consecutive_failures: int = Field(_ENGINE.max_consecutive_failures, ge=0,
+        description="Failed batches in a row after which the engine is declared dead and the process exits (0: "
+                    "never)")
     api_key: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="API key clients must send as 'Authorization: Bearer KEY' "
                                           "(repeatable; env: comma-separated)")
     api_key_file: str | None = Field(None, description="File with one API key per line (# comments allowed)")
-    metrics_auth: bool = Field(True, description="Whether /metrics needs a key when keys are set")
+    metrics_auth: bool = Field(_API.metrics_auth, description="Whether /metrics needs a key when keys are set")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="text, or json (one JSON object per line)")
-    access_log: bool = Field(True, description="Log one line per request (id, route, status, latency, tokens) "
-                                               "at info level; never the body")
+    access_log: bool = Field(_API.access_log,
+        description="Log one line per request (id, route, status, latency, tokens) at info level; never the body")
+
+    reward_step_format: Literal["markers", "delimiter", "chatml", "llama3"] = Field(
+        _API.reward_step_format, description="/v1/reward: how a query text splits into steps (our template "
+                                             "markers, a delimiter, or a chat template's turns); a request's "
+                                             "?step_format= overrides it")
+    reward_step_delimiter: str = Field(
+        _API.reward_step_delimiter, min_length=1, description="/v1/reward: the step delimiter of "
+                                                              "step_format=delimiter (\\n, \\t, \\\\ read "
+                                                              "as newline, tab, backslash)")
+    reward_aggregate: Literal["last", "min", "sum_progress"] = Field(
+        _API.reward_aggregate, description="/v1/reward: steps -> one reward (last promise, min promise, or sum "
+                                           "of progress)")
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -99,9 +127,7 @@ class ServerSettings(BaseSettings):
                 raise ValueError("an API key contains whitespace or unprintable characters")
         return tuple(dict.fromkeys(keys))
 
-    def engine_config(self):
-        from service.engine.engine import EngineConfig
-
+    def engine_config(self) -> EngineConfig:
         return EngineConfig(device=self.device, max_batch_tokens=self.max_batch_tokens, max_wait_ms=self.max_wait_ms,
                             max_queue_jobs=self.max_queue_jobs, max_queue_tokens=self.max_queue_tokens,
                             max_forward_tokens=self.max_forward_tokens, max_trajectories=self.max_trajectories,

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from clients.local_server import SERVER_MODULE, ServerProcess, free_port, serve_command, wait_ready  # noqa: F401
 from model_store.export import init_random
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,40 +38,16 @@ def trajectory_json(task: str, n_steps: int, seed: int = 0) -> dict:
     return {"task": t.task, "steps": [{"observation": s.observation, "action": s.action} for s in t.steps]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early with code {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {url} not ready after {timeout}s")
-
-
-def start_server(checkpoint: Path, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+# ready_timeout: a model load took 108 s on the shared 2-core machine at a load average of 12 (2026-12-02).
+def start_server(checkpoint: Path, *extra: str, env: dict | None = None,
+                 module: tuple[str, ...] = (SERVER_MODULE,), ready_timeout: float = 180.0
+                 ) -> tuple[subprocess.Popen, str]:
+    """`agentprm serve` of this tree (clients.local_server); its output stays on proc.stdout for the test."""
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(checkpoint), "--host", "127.0.0.1",
-           "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except Exception:
-        proc.kill()
-        output = proc.communicate(timeout=10)[0].decode(errors="replace")
-        raise RuntimeError(f"server did not start:\n{output[-3000:]}") from None
-    return proc, url
+    server = ServerProcess(serve_command(port, checkpoint, *extra, module=module), f"http://127.0.0.1:{port}",
+                           env={**os.environ, **(env or {})}, pipe_output=True)
+    server.start(timeout_s=ready_timeout)
+    return server.proc, server.url
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -93,6 +93,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of initial states held out")
     p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping")
+    p.add_argument("--min-train-fraction", type=float, default=0.5,
+                   help="share of the planned steps before early stopping may fire [default: 0.5]")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: every epoch)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -146,7 +148,7 @@ def command_line(argv: list[str] | None) -> str:
 
 
 def _device(name: str, local_rank: int):
-    from service.engine.runner import pick_device
+    from model_store.modeling import pick_device
 
     device = pick_device(name)
     if device.type == "cuda" and device.index is None:
@@ -158,7 +160,7 @@ def _device(name: str, local_rank: int):
 
 def run_train(args, command: str) -> dict:
     """The whole `train` command; returns the summary printed at the end."""
-    from service.engine.render import Renderer
+    from model_store.render import Renderer
     from training import data as data_mod
     from training.backbone import initialize
     from training.export import export_checkpoint, training_info
@@ -220,13 +222,15 @@ def run_train(args, command: str) -> dict:
     config = TrainConfig(method=args.method, epochs=args.epochs, lr=lr, weight_decay=args.weight_decay,
                          warmup=args.warmup, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                          grad_clip=args.grad_clip, beta=args.beta, gamma=args.gamma, lam=args.lam,
-                         patience=args.patience, eval_every=args.eval_every, max_steps=args.max_steps,
+                         patience=args.patience, min_train_fraction=args.min_train_fraction,
+                         eval_every=args.eval_every, max_steps=args.max_steps,
                          precision=args.precision,
                          seed=args.seed, success_above=args.success_above, progress=not args.no_progress,
                          log_path=args.log)
     pad_id = init.model.backbone.config.pad_token_id or 0
     scale = scale_config(args, init.tokenizer, init.template)
     trainer = Trainer(init.model, config, pad_id, _device(args.device, info.local_rank), info, scale)
+    config.precision = trainer.precision  # the manifest records what ran ("auto" resolved on this machine)
     result = trainer.fit(train_ex, val_ex)
     summary = {"out": str(out), "method": args.method, "steps": result.steps,
                "tokens_per_s": round(result.tokens_per_s, 1), "val": result.best,

@@ -32,7 +32,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.engine.types import Step, Trajectory
+from model_store.render import Step, Trajectory
 
 KNOWN_FIELDS = ("task", "steps", "reward", "meta")
 

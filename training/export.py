@@ -17,7 +17,7 @@ from pathlib import Path
 
 from model_store.export import save_checkpoint
 from model_store.manifest import Manifest, Template, TrainingInfo
-from service.engine.prm import PRMModel
+from model_store.modeling import PRMModel
 from training.trainer import TrainConfig, TrainResult
 
 

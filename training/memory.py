@@ -59,7 +59,7 @@ def count_parameters(config: dict, lora_rank: int = 0, marker_tokens: int = 5) -
     """(all parameters, trainable, largest decoder layer, root group) of the PRM for `config`, built on meta.
 
     `marker_tokens`: embedding rows LoRA trains (the template's 5 markers)."""
-    from service.engine.prm import PRMModel
+    from model_store.modeling import PRMModel
     from training.backbone import build_backbone
     from training.lora import LORA_TARGETS
 

@@ -18,7 +18,8 @@ Validation (every `eval_every` steps, else every epoch) reports the method's los
 `auc` (final-step promise ranks successes above failures), `brier` (mean squared error of the final-step
 promise against the outcome) and `v0_mse`. Early stopping watches `brier` (lower is better; every method
 trains the final step toward the outcome, so it compares methods fairly): after `patience` evaluations
-without improvement training stops, and the best weights are restored. Every process evaluates the whole
+without improvement training stops, but never before `min_train_fraction` of the planned steps (small models
+often sit on a plateau first), and the best weights are restored. Every process evaluates the whole
 validation set (identical results, identical stopping decisions).
 
 Precision (`precision`, training.precision): fp32, or fp32 weights with bf16 autocast for the backbone's
@@ -46,8 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.prm import PRMModel
-from service.engine.render import Renderer
+from model_store.modeling import PRMModel
+from model_store.render import Renderer
 from training.data import Record
 from training.losses import batch_loss_terms, term_counts
 from training.precision import resolve_precision
@@ -74,6 +75,7 @@ class TrainConfig:
     gamma: float = 1.0
     lam: float = 0.95
     patience: int = 5
+    min_train_fraction: float = 0.5  # early stopping never fires before this share of the planned steps
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
     precision: str = "fp32"  # fp32 | bf16 | auto (training.precision)
     max_steps: int | None = None
@@ -269,7 +271,7 @@ class Trainer:
         if self.scale.activation_checkpointing:
             sharding.apply_activation_checkpointing(model)
         self.model = model.to(self.device)  # the module evaluated and exported (sharded in place under FSDP)
-        # "auto" times matmuls: every process must take rank 0's decision (FSDP's dtypes must agree)
+        # every process computes in rank 0's choice ("auto" times a matmul; ranks must not disagree)
         self.precision = broadcast_object(resolve_precision(config.precision, self.device), dist_info)
         self.ddp: nn.Module = self.model
         self.sharded = dist_info.enabled and self.scale.parallel == "fsdp"
@@ -501,7 +503,9 @@ class Trainer:
                 result.best = {**metrics, "step": result.steps}
                 return False
             track["bad_evals"] += 1
-            return track["bad_evals"] >= c.patience
+            # A small model often sits on a plateau (promises at the base rate) before it finds the signal;
+            # stopping there would keep the plateau's weights, so patience only counts after a share of the run.
+            return track["bad_evals"] >= c.patience and result.steps >= c.min_train_fraction * total
 
         def save_checkpoint(epoch: int, next_batch: int) -> None:
             self.reshard()

@@ -13,7 +13,7 @@ Modelled on how OpenRLHF's remote reward server (`openrlhf.cli.serve_rm`) works,
 
 Differences from OpenRLHF, for a same-input comparison: the body carries token ids (`query_ids`), not text,
 so every system scores the very same ids; the response gives the promise at every readout of each
-sequence (the state_end and action_end marker positions, DESIGN §2), i.e. per-step process rewards.
+sequence (the state_end and action_end marker positions, docs/ARCHITECTURE.md "Rendering"), i.e. per-step process rewards.
 
     POST /get_reward {"query_ids": [[int, ...], ...]}
       -> {"rewards": [[V_0, Q_0, Q_1, ...], ...], "usage": {"prompt_tokens", "padded_tokens"}}

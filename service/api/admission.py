@@ -1,4 +1,5 @@
-"""Admission control around every engine call: drain, in-flight bound, deadline, client disconnect.
+"""The HTTP side of admission around every engine call: drain, in-flight bound, deadline, client disconnect.
+Whether a request may in, and with which code and Retry-After, is decided by service.engine.admission.
 
 `ServerState` is the process-wide serving state the HTTP layer and the server runner share: whether the
 server is draining (SIGTERM), how many scoring requests are in progress, and why the engine died (if it
@@ -20,51 +21,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
-from service.engine.errors import DeadlineExceeded, NotReady, Overloaded
+from service.api.config import ApiConfig
+from service.engine.admission import server_refusal
+from service.engine.errors import DeadlineExceeded, EngineError
 
 log = logging.getLogger("agentprm.api")
 T = TypeVar("T")
 
 
-class Draining(NotReady):
-    type = "draining"
+__all__ = ["ClientClosed", "ServerState", "guarded"]
 
 
 class ClientClosed(Exception):
     """The client went away before its response was ready; its work was cancelled."""
 
 
+_API = ApiConfig()
+
+
 @dataclass
 class ServerState:
-    request_timeout_s: float = 30.0
-    max_timeout_s: float = 300.0
-    max_inflight: int = 1024
+    request_timeout_s: float = _API.request_timeout_s
+    max_timeout_s: float = _API.max_request_timeout_s
+    max_inflight: int = _API.max_inflight_requests
+    engine_started: bool = False  # set by the app's lifespan around engine.start() / engine.shutdown()
     draining: bool = False
     drain_started: float | None = None
     inflight: int = 0
     fatal: str | None = None
-    counts: dict = field(default_factory=lambda: {"deadline": 0, "disconnected": 0, "drain_refused": 0})
     # Optional engine probe: seconds to Retry-After when a new request would surely be refused now, else None.
     saturated: Callable[[], float | None] | None = None
 
-    def refusal(self) -> Exception | None:
+    def refusal(self) -> EngineError | None:
         """Why a new scoring request must be refused right now (cheap; no body read yet), or None."""
-        if self.draining:
-            self.counts["drain_refused"] += 1
-            return Draining("the server is draining (shutting down); retry on another replica")
-        if self.fatal:
-            return NotReady(f"the engine failed ({self.fatal}); the server is restarting")
-        if self.inflight >= self.max_inflight:
-            return Overloaded(f"too many requests in progress ({self.inflight}); retry later", retry_after_s=1.0)
-        retry_after = self.saturated() if self.saturated is not None else None
-        if retry_after is not None:
-            return Overloaded("queue full; retry later", retry_after_s=retry_after)
-        return None
+        return server_refusal(self.draining, self.fatal, self.inflight, self.max_inflight, self.saturated)
+
+    def ready(self) -> bool:
+        """What /ready and agentprm_ready report: the engine started, not draining, not dead."""
+        return self.engine_started and not self.draining and not self.fatal
 
     def begin_drain(self) -> None:
         """Stop taking scoring work. Safe to call from a signal handler (plain attribute writes)."""
@@ -109,11 +108,9 @@ async def guarded(request: Request, call: Callable[[], Awaitable[T]], timeout_s:
         await asyncio.gather(work, return_exceptions=True)  # let the cancellation drop the queued jobs
         request_id = getattr(request.state, "request_id", "-")
         if watcher in done:
-            state.counts["disconnected"] += 1
             log.info("client of request %s disconnected; its work was dropped", request_id,
                      extra={"request_id": request_id, "event": "client_disconnected"})
             raise ClientClosed()
-        state.counts["deadline"] += 1
         raise DeadlineExceeded(f"the request did not finish within its deadline of {deadline:g} s; its remaining "
                                "work was dropped (raise timeout_s, or send less per request)")
     finally:

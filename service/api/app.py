@@ -9,42 +9,18 @@ drives on SIGTERM and on engine death.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from prometheus_client import Gauge
 
 from service.api.admission import ServerState
+from service.api.config import ApiConfig
 from service.api.errors import install_error_handlers
-from service.api.middleware import ServiceMiddleware
+from service.api.middleware import install_middleware
+from service.api.reward import router as reward_router
 from service.api.routes import models, ops, scoring
 from service.engine.client import EngineClient
 from service.metrics import Metrics
-
-ALWAYS_PUBLIC = frozenset({"/health", "/ready"})
-
-
-@dataclass(frozen=True)
-class ApiConfig:
-    max_body_bytes: int = 8 * 1024 * 1024
-    api_keys: tuple[str, ...] = ()
-    metrics_auth: bool = True  # with keys set, /metrics needs one too
-    request_timeout_s: float = 30.0
-    max_request_timeout_s: float = 300.0
-    max_inflight_requests: int = 1024
-    access_log: bool = True
-
-    @property
-    def public_paths(self) -> frozenset[str]:
-        return ALWAYS_PUBLIC if self.metrics_auth else ALWAYS_PUBLIC | {"/metrics"}
-
-    @classmethod
-    def from_settings(cls, settings) -> "ApiConfig":
-        return cls(max_body_bytes=settings.max_body_bytes, api_keys=settings.api_keys(),
-                   metrics_auth=settings.metrics_auth, request_timeout_s=settings.request_timeout_s,
-                   max_request_timeout_s=settings.max_request_timeout_s,
-                   max_inflight_requests=settings.max_inflight_requests, access_log=settings.access_log)
-
 
 def create_app(engine: EngineClient, metrics: Metrics | None = None, config: ApiConfig = ApiConfig()) -> FastAPI:
     metrics = metrics or getattr(engine, "metrics", None) or Metrics()
@@ -52,9 +28,11 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        app.state.server.engine_started = True
         try:
             yield
         finally:
+            app.state.server.engine_started = False
             await engine.shutdown()
 
     app = FastAPI(title="AgentPRM Serve", version="0.1.0", lifespan=lifespan,
@@ -67,20 +45,21 @@ def create_app(engine: EngineClient, metrics: Metrics | None = None, config: Api
                                    max_timeout_s=config.max_request_timeout_s,
                                    max_inflight=config.max_inflight_requests)
     app.state.server.saturated = getattr(engine, "saturated", None)  # EngineClient default: never saturated
-    _export_inflight(metrics, app.state.server)
+    _export_state(metrics, app.state.server)
     install_error_handlers(app)
-    for router in (scoring, models, ops):
+    for router in (scoring, reward_router, models, ops):
         app.include_router(router)
     if config.api_keys:
         _document_auth(app, config.public_paths)
-    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=config.max_body_bytes,
-                       api_keys=config.api_keys, public_paths=config.public_paths, log_access=config.access_log,
-                       state=app.state.server)
+    install_middleware(app, metrics=metrics, max_body_bytes=config.max_body_bytes, api_keys=config.api_keys,
+                       public_paths=config.public_paths, log_access=config.access_log, state=app.state.server)
     return app
 
 
-def _export_inflight(metrics: Metrics, state: ServerState) -> None:
-    """agentprm_inflight_requests: scoring requests admitted and not yet answered (what a drain waits for)."""
+def _export_state(metrics: Metrics, state: ServerState) -> None:
+    """agentprm_ready (the one place it is set: ServerState.ready) and agentprm_inflight_requests (scoring
+    requests admitted and not yet answered: what a drain waits for)."""
+    metrics.ready.set_function(lambda: 1 if state.ready() else 0)
     gauge = getattr(metrics, "inflight_requests", None)
     if gauge is None:
         gauge = Gauge("agentprm_inflight_requests", "Scoring requests admitted and not yet answered",

@@ -3,14 +3,14 @@
 Unexpected exceptions are turned into the 500 shape by the middleware (service.api.middleware), so that
 the response still carries the request id.
 
-429 (overloaded) and 503 (not ready, draining) carry `Retry-After`. A 5xx is logged with the request id.
+429 (overloaded) and 503 (not ready, draining) carry `Retry-After` (service.engine.admission). A 5xx is
+logged with the request id.
 A request whose client went away gets 499 (nginx's convention); nobody reads it, the metrics count it.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.admission import ClientClosed
-from service.engine.errors import EngineError, Overloaded
+from service.engine.admission import retry_after_header
+from service.engine.errors import EngineError
 
 log = logging.getLogger("agentprm.api")
 
@@ -48,18 +49,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400:  # FastAPI's "error parsing the body" (not UTF-8 JSON): DESIGN says 422
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (not UTF-8 JSON): the API answers 422
             return error_response(422, "invalid_request", f"body: {exc.detail} (send UTF-8 JSON)")
         return error_response(exc.status_code, _HTTP_TYPES.get(exc.status_code, "http_error"), str(exc.detail),
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError):
-        headers = None
-        if isinstance(exc, Overloaded):
-            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        elif exc.code == 503:
-            headers = {"Retry-After": "1"}
+        headers = retry_after_header(exc)
         if exc.code >= 500:  # 500: something broke (error); 503/504: load or lifecycle (warning)
             request_id = getattr(request.state, "request_id", "-")
             log.log(logging.ERROR if exc.code == 500 else logging.WARNING, "request %s failed: %s", request_id,

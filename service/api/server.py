@@ -64,8 +64,7 @@ class DrainingServer(uvicorn.Server):
         if live:
             return
         reason = detail or "engine not running"
-        self.state.fatal = reason
-        self.fastapi_app.state.metrics.ready.set(0)
+        self.state.fatal = reason  # agentprm_ready follows (ServerState.ready)
         log.critical("the engine cannot recover (%s); exiting with code %d so the process is restarted", reason,
                      EXIT_ENGINE_DEAD, extra={"event": "engine_dead", "exit_code": EXIT_ENGINE_DEAD})
         self.exit_code = EXIT_ENGINE_DEAD
@@ -76,7 +75,6 @@ class DrainingServer(uvicorn.Server):
         state = self.state
         if not self._drain_announced:
             self._drain_announced = True
-            self.fastapi_app.state.metrics.ready.set(0)
             log.warning("draining: /ready is 503, new scoring requests get 503; waiting up to %gs for %d in progress",
                         self.drain_timeout_s, state.inflight, extra={"event": "drain_start", "inflight": state.inflight})
         elapsed = time.monotonic() - (state.drain_started or time.monotonic())

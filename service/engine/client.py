@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from service.engine.types import (Beam, ExpandOutput, Health, ModelInfo, RerankOutput, ScoreOutput, Step,
-                                  Trajectory)
+from service.engine.types import (DEFAULT_AGGREGATE, Beam, ExpandOutput, Health, ModelInfo, RerankOutput,
+                                  ScoreOutput, Step, Trajectory)
 
 
 class EngineClient(ABC):
@@ -13,12 +13,13 @@ class EngineClient(ABC):
     def models(self) -> list[ModelInfo]: ...
 
     @abstractmethod
-    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = "last",
+    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = DEFAULT_AGGREGATE,
                     request_id: str = "") -> ScoreOutput: ...
 
     @abstractmethod
-    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]], aggregate: str = "last",
-                     top_n: int | None = None, request_id: str = "") -> RerankOutput: ...
+    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]],
+                     aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
+                     request_id: str = "") -> RerankOutput: ...
 
     @abstractmethod
     async def expand(self, model: str, beams: list[Beam], beam_width: int, request_id: str = "") -> ExpandOutput: ...

@@ -8,45 +8,26 @@ trajectory scores every step. Validation errors are `InvalidInput` naming the of
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
+from model_store.render import Renderer
 from service.engine import postprocess
 from service.engine.client import EngineClient
+from service.engine.config import EngineConfig
 from service.engine.cuda_graphs import GraphRunner, default_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
-from service.engine.prm import LoadedPRM, load_prm
-from service.engine.render import Renderer
-from service.engine.runner import JobResult, ScoreJob, TorchRunner, default_dtype, pick_device
-from service.engine.scheduler import Scheduler, SchedulerConfig
-from service.engine.types import (AGGREGATES, Beam, ExpandOutput, Health, ModelInfo, RankedCandidate, RerankOutput,
+from service.engine.runner import TorchRunner
+from service.engine.scheduler import Scheduler
+from service.engine.types import (AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS, BatchResults, Beam,
+                                  ExpandOutput, Health, JobResult, ModelInfo, RankedCandidate, RerankOutput, ScoreJob,
                                   ScoreOutput, Selection, Step, Trajectory, TrajectoryScore, Usage)
 from service.metrics import Metrics
 
 log = logging.getLogger("agentprm.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    device: str = "auto"
-    max_batch_tokens: int = 16384
-    max_wait_ms: float = 0.0  # 0: continuous batching (a batch takes what queued while the last one ran)
-    max_queue_jobs: int = 4096
-    max_queue_tokens: int = 1 << 20
-    max_forward_tokens: int = 0  # 0: auto, 2048 on a CPU (bench/cpu_kernels.py measures it), 8192 on a GPU
-    max_trajectories: int = 256
-    max_candidates: int = 512
-    prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
-    prefix_block_size: int = 32
-    share_prefixes: bool = True  # compute a request's shared prefix once
-    max_queue_delay_s: float = 10.0  # refuse (429) when queued work would take longer than this; 0: no bound
-    max_consecutive_failures: int = 5  # failed batches in a row that declare the engine dead; 0: never
-    backend: str = "auto"  # auto (packed on a CPU for Qwen2, padded elsewhere), packed, padded (runner.py)
-    cuda_graphs: bool = True  # on a GPU: capture the small plain passes (cuda_graphs.py); ignored on a CPU
 
 
 def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
@@ -77,26 +58,18 @@ class PRMEngine(EngineClient):
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
-                                  max_forward_tokens=config.max_forward_tokens or (2048 if self.device.type == "cpu" else 8192),
+                                  max_forward_tokens=config.forward_tokens(self.device.type),
                                   cache=self.cache,
                                   marker_ids=(self.renderer.end_id, self.renderer.state_id),
                                   backend=config.backend, graphs=graphs)
-        self.scheduler = Scheduler(
-            self.runner.run_batch,
-            SchedulerConfig(max_batch_tokens=config.max_batch_tokens, max_wait_s=config.max_wait_ms / 1000,
-                            max_queue_jobs=config.max_queue_jobs, max_queue_tokens=config.max_queue_tokens,
-                            max_queue_delay_s=config.max_queue_delay_s,
-                            max_consecutive_failures=config.max_consecutive_failures),
-            on_batch=self._record_batch,
-        )
+        self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
         self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
         self.metrics.cache_bytes.set_function(lambda: self.cache.bytes)
         self.metrics.cache_blocks.set_function(lambda: len(self.cache))
-        self._cache_seen = (0, 0, 0)
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
-                              aliases=("default",), method=m.training.method, created_at=m.created_at)
+                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, config: EngineConfig = EngineConfig(),
@@ -108,10 +81,8 @@ class PRMEngine(EngineClient):
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         self.scheduler.start()
-        self.metrics.ready.set(1)
 
     async def shutdown(self) -> None:
-        self.metrics.ready.set(0)
         await self.scheduler.stop()
 
     async def check_health(self) -> Health:
@@ -126,28 +97,27 @@ class PRMEngine(EngineClient):
 
     # -- helpers ---------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> str:
-        if model in (None, "", "default", self.info.name, self.info.ref):
+        if model in (None, "", DEFAULT_MODEL_ALIAS, self.info.name, self.info.ref):
             return self.info.ref
-        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} (alias 'default')")
+        raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} "
+                           f"(alias {DEFAULT_MODEL_ALIAS!r})")
 
     def _check_length(self, ids, what: str) -> None:
         limit = self.manifest.max_seq_len
         if len(ids) > limit:
             raise InvalidInput(f"{what} is {len(ids)} tokens long; this model accepts at most {limit}")
 
-    def _record_batch(self, jobs: list[ScoreJob], seconds: float) -> None:
-        stats = self.runner.last_stats
+    def _record_batch(self, results: BatchResults, seconds: float) -> None:
+        stats = results.stats  # the runner's numbers for this very batch, handed back with its results
         m = self.metrics
-        m.batch_size.observe(len(jobs))
+        m.batch_size.observe(stats.jobs)
         m.batch_tokens.observe(stats.padded_tokens)
         m.batch_duration.observe(seconds)
         m.tokens_computed.inc(stats.computed_tokens)
         m.tokens_cached.inc(stats.tokens - stats.computed_tokens)
-        cache = self.cache.stats
-        m.cache_hits.inc(cache.hits - self._cache_seen[0])
-        m.cache_misses.inc(cache.misses - self._cache_seen[1])
-        m.cache_evictions.inc(cache.evicted_blocks - self._cache_seen[2])
-        self._cache_seen = (cache.hits, cache.misses, cache.evicted_blocks)
+        m.cache_hits.inc(stats.cache_hits)
+        m.cache_misses.inc(stats.cache_misses)
+        m.cache_evictions.inc(stats.cache_evictions)
 
     def _usage(self, jobs: list[ScoreJob], results: list[JobResult]) -> Usage:
         tokens = sum(len(j.ids) for j in jobs)
@@ -184,33 +154,34 @@ class PRMEngine(EngineClient):
         self.metrics.steps_scored.inc(sum(len(o) - 1 for o in outputs))
         return scored
 
-    @staticmethod
-    def _check_aggregate(aggregate: str) -> None:
+    def _check_scoring(self, model: str, aggregate: str, items: list, what: str, limit: int, too_many: str) -> str:
+        """The served model's ref, after the checks /v1/score and /v1/rerank share (`too_many`: the message
+        when more than `limit` items came)."""
+        ref = self._check_model(model)
         if aggregate not in AGGREGATES:
             raise InvalidInput(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+        if not items:
+            raise InvalidInput(f"{what} is empty")
+        if len(items) > limit:
+            raise InvalidInput(too_many)
+        return ref
 
     # -- routes ----------------------------------------------------------------------------------
-    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = "last",
+    async def score(self, model: str, trajectories: list[Trajectory], aggregate: str = DEFAULT_AGGREGATE,
                     request_id: str = "") -> ScoreOutput:
-        ref = self._check_model(model)
-        self._check_aggregate(aggregate)
-        if not trajectories:
-            raise InvalidInput("trajectories is empty")
-        if len(trajectories) > self.config.max_trajectories:
-            raise InvalidInput(f"{len(trajectories)} trajectories in one request; the limit is "
-                               f"{self.config.max_trajectories}")
+        limit = self.config.max_trajectories
+        ref = self._check_scoring(model, aggregate, trajectories, "trajectories", limit,
+                                  f"{len(trajectories)} trajectories in one request; the limit is {limit}")
         jobs = self._share([self._trajectory_job(t, f"trajectories[{i}]") for i, t in enumerate(trajectories)])
         results = await self._run(jobs, request_id)
         return ScoreOutput(ref, tuple(self._trajectory_scores(results, aggregate)), self._usage(jobs, results))
 
-    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]], aggregate: str = "last",
-                     top_n: int | None = None, request_id: str = "") -> RerankOutput:
-        ref = self._check_model(model)
-        self._check_aggregate(aggregate)
-        if not candidates:
-            raise InvalidInput("candidates is empty")
-        if len(candidates) > self.config.max_candidates:
-            raise InvalidInput(f"{len(candidates)} candidates; the limit is {self.config.max_candidates}")
+    async def rerank(self, model: str, task: str, candidates: list[tuple[Step, ...]],
+                     aggregate: str = DEFAULT_AGGREGATE, top_n: int | None = None,
+                     request_id: str = "") -> RerankOutput:
+        limit = self.config.max_candidates
+        ref = self._check_scoring(model, aggregate, candidates, "candidates", limit,
+                                  f"{len(candidates)} candidates; the limit is {limit}")
         if top_n is not None and top_n < 1:
             raise InvalidInput("top_n must be at least 1")
         jobs = self._share([self._trajectory_job(Trajectory(task, tuple(steps)), f"candidates[{i}]")
@@ -218,8 +189,7 @@ class PRMEngine(EngineClient):
         outputs = await self._run(jobs, request_id)
         scored = self._trajectory_scores(outputs, aggregate)
         order = postprocess.rank([s.score for s in scored], top_n)
-        results = tuple(RankedCandidate(index=i, score=scored[i].score, initial_value=scored[i].initial_value,
-                                        steps=scored[i].steps) for i in order)
+        results = tuple(RankedCandidate(**vars(scored[i]), index=i) for i in order)
         return RerankOutput(ref, results, self._usage(jobs, outputs))
 
     async def expand(self, model: str, beams: list[Beam], beam_width: int, request_id: str = "") -> ExpandOutput:

@@ -11,18 +11,15 @@ class EngineError(Exception):
 
 
 class InvalidInput(EngineError):
-    code = 422
-    type = "invalid_request"
+    code, type = 422, "invalid_request"
 
 
 class UnknownModel(EngineError):
-    code = 404
-    type = "model_not_found"
+    code, type = 404, "model_not_found"
 
 
 class Overloaded(EngineError):
-    code = 429
-    type = "overloaded"
+    code, type = 429, "overloaded"
 
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
@@ -30,15 +27,12 @@ class Overloaded(EngineError):
 
 
 class NotReady(EngineError):
-    code = 503
-    type = "not_ready"
+    code, type = 503, "not_ready"
 
 
 class DeadlineExceeded(EngineError):
-    code = 504
-    type = "deadline_exceeded"
+    code, type = 504, "deadline_exceeded"
 
 
 class BatchFailed(EngineError):
-    code = 500
-    type = "internal_error"
+    code, type = 500, "internal_error"

@@ -150,15 +150,15 @@ class PackedQwen2:
         return units
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, lengths: list[int], past: KV | None = None, keep_kv: bool = False,
+    def forward(self, ids: torch.Tensor, lengths: list[int], keep_kv: bool = False,
                 pasts: list[KV | None] | None = None) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
         """ids [N] (sequences concatenated, lengths summing to N). Each sequence continues `pasts[s]` (per
-        layer [1, kv_heads, P_s, hd]; None: from position 0), or `past` for all of them. Returns hidden
+        layer [1, kv_heads, P_s, hd]; None or no `pasts`: from position 0). Returns hidden
         [N, H] after the final norm and, with `keep_kv`, the new tokens' KV per layer as [N, kv_heads, hd]
         (keys after RoPE)."""
         n = ids.shape[0]
         if pasts is None:
-            pasts = [past] * len(lengths)
+            pasts = [None] * len(lengths)
         if len(pasts) != len(lengths):
             raise ValueError(f"{len(pasts)} pasts for {len(lengths)} sequences")
         offsets = [0]

@@ -1,4 +1,4 @@
-"""Promise -> progress, trajectory aggregates, ranking (DESIGN §1 and §5).
+"""Promise -> progress, trajectory aggregates, ranking (README.md, "Scoring: the HTTP API"; docs/ARCHITECTURE.md, "One request").
 
 progress_t = promise_t - promise_{t-1}, progress_0 = promise_0 - V_0 (the initial-state readout).
 Aggregates for Best-of-N: `last` (the paper's rule), `min`, `mean`, `prod` of the step promises.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from service.engine.types import AGGREGATES, StepScore
+from service.engine.types import AGGREGATES, DEFAULT_AGGREGATE, StepScore
 
 
 def step_scores(promises: Sequence[float], initial_value: float) -> tuple[StepScore, ...]:
@@ -22,7 +22,7 @@ def step_scores(promises: Sequence[float], initial_value: float) -> tuple[StepSc
     return tuple(out)
 
 
-def aggregate(promises: Sequence[float], how: str = "last") -> float:
+def aggregate(promises: Sequence[float], how: str = DEFAULT_AGGREGATE) -> float:
     if not promises:
         raise ValueError("cannot aggregate an empty trajectory")
     if how == "last":

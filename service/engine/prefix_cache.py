@@ -41,8 +41,6 @@ class Block:
 class CacheStats:
     hits: int = 0
     misses: int = 0
-    hit_tokens: int = 0
-    inserted_blocks: int = 0
     evicted_blocks: int = 0
 
 
@@ -116,7 +114,6 @@ class PrefixCache:
         self._touch(keys)
         if hit.tokens:
             self.stats.hits += 1
-            self.stats.hit_tokens += hit.tokens
         else:
             self.stats.misses += 1
         return hit
@@ -175,10 +172,4 @@ class PrefixCache:
                 self.bytes += self._block_bytes
                 added += 1
             self._touch([k for k in chain if k in self._blocks])
-        self.stats.inserted_blocks += added
         return added
-
-    def clear(self) -> None:
-        self._free.extend(block.slot for block in self._blocks.values())
-        self._blocks.clear()
-        self.bytes = 0

@@ -1,4 +1,5 @@
-"""Torch runner: runs batches of score jobs through the PRM and returns promises at readouts.
+"""Torch runner: plans the forward passes of a batch of score jobs; a backend (service.engine.backends)
+executes each pass.
 
 A `ScoreJob` is token ids, readout positions, and `prefix_len`, a hint that ids[:prefix_len] is shared with
 other jobs (a rerank's task, a beam's history). `run_batch`:
@@ -12,57 +13,26 @@ other jobs (a rerank's task, a beam's history). `run_batch`:
 4. runs the remaining jobs in passes of at most `max_forward_tokens` and caches their blocks.
 
 Every pass asks for the promises it needs (readouts, plus marker positions when the KV is cached) in one
-value-head call. A pass runs on one of three backends, all the same function up to float rounding:
-
-- `packed` (the default on a CPU for Qwen2 backbones, service.engine.packed): sequences concatenated, no
-  padding, fused projections, attention per sequence;
-- `padded`: the transformers forward on a right-padded [B, T] batch. Right padding needs no attention mask
-  under causal attention: real tokens only attend to earlier, real tokens, and pad positions are never read;
-- CUDA graphs (service.engine.cuda_graphs), tried first for padded passes without a past when a
-  `GraphRunner` is given (on a GPU); shapes outside its buckets run padded.
-
-The runner runs in the engine's worker thread.
+`ForwardPass`. The runner decides what to compute and what the cache supplies; the backend only executes
+(packed, padded, CUDA graphs: all the same function up to float rounding). The results come back as
+`BatchResults`, carrying the batch's `BatchStats`. The runner runs in the engine's worker thread.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from service.engine.packed import PackedQwen2, supports as packed_supports
+from model_store.modeling import PRMModel
+from service.engine.backends import KV, ForwardPass, PassOutput, make_backend
 from service.engine.cuda_graphs import GraphRunner
 from service.engine.prefix_cache import Hit, PrefixCache
-from service.engine.prm import PRMModel
+from service.engine.types import BatchResults, BatchStats, JobResult, ScoreJob
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [B, kv_heads, T, head_dim]
-
-
-@dataclass(frozen=True)
-class ScoreJob:
-    ids: tuple[int, ...]
-    readouts: tuple[int, ...]
-    prefix_len: int = 0
-
-
-@dataclass
-class JobResult:
-    promises: np.ndarray  # [len(readouts)]
-    computed_tokens: int
-
-
-@dataclass
-class BatchStats:
-    jobs: int = 0
-    tokens: int = 0
-    computed_tokens: int = 0
-    padded_tokens: int = 0
-    forwards: int = 0
-    seconds: float = 0.0
-    shapes: list = field(default_factory=list)  # per pass: [sequences, tokens] (padded: [B, T]; packed: [B, N])
+__all__ = ["BatchResults", "BatchStats", "JobResult", "ScoreJob", "TorchRunner", "plan_forwards"]
 
 
 @dataclass
@@ -72,17 +42,20 @@ class _Prefix:
     computed: int
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+@dataclass
+class _PrefixTodo:
+    index: int  # into the batch's prefix list
+    prefix: tuple[int, ...]
+    past: KV | None  # the cached chain it continues
+    markers_before: np.ndarray  # marker promises of the cached chain
+    rest: tuple[int, ...]  # the uncached tokens to compute
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    # bf16 on a GPU; fp32 on a CPU, where bf16 without hardware support is ~100x slower.
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+@dataclass
+class _SuffixItem:
+    state: _Prefix
+    job: int  # index into the batch
+    lone: bool  # a group of one: its whole sequence is cached too
 
 
 def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False) -> list[list[int]]:
@@ -105,35 +78,26 @@ def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = Fa
     return groups
 
 
-def _kv_of(cache: DynamicCache) -> KV:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 class TorchRunner:
     def __init__(self, model: PRMModel, device: torch.device, pad_id: int = 0, max_forward_tokens: int = 8192,
                  cache: PrefixCache | None = None, marker_ids: tuple[int, ...] = (), backend: str = "auto",
                  graphs: GraphRunner | None = None):
         self.model = model
         self.device = device
-        self.pad_id = pad_id
         self.max_forward_tokens = max_forward_tokens
         self.cache = cache if cache is not None else PrefixCache(0)
         self.marker_ids = np.array(sorted(marker_ids), dtype=np.int64)
-        if backend not in ("auto", "packed", "padded"):
-            raise ValueError(f"backend must be auto, packed or padded, not {backend!r}")
-        if backend == "auto":
-            backend = "packed" if device.type == "cpu" and packed_supports(model.backbone.config) else "padded"
-        self.backend = backend
-        self.packed = PackedQwen2(model.backbone) if backend == "packed" else None
-        self.graphs = graphs if graphs is not None and graphs.enabled else None
-        self.last_stats = BatchStats()
+        self.executor = make_backend(backend, model, device, pad_id, graphs)
+        self.backend = self.executor.name
+        self.graphs = getattr(self.executor, "graphs", None)
         self._stats = BatchStats()
 
     # -- entry point -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run_batch(self, jobs: list[ScoreJob]) -> list[JobResult]:
+    def run_batch(self, jobs: list[ScoreJob]) -> BatchResults:
         start = time.perf_counter()
-        self._stats = BatchStats(jobs=len(jobs), tokens=sum(len(j.ids) for j in jobs))
+        self._stats = stats = BatchStats(jobs=len(jobs), tokens=sum(len(j.ids) for j in jobs))
+        cache_before = (self.cache.stats.hits, self.cache.stats.misses, self.cache.stats.evicted_blocks)
         results: list[JobResult | None] = [None] * len(jobs)
         groups: dict[tuple[int, ...], list[int]] = {}
         hits: dict[tuple[int, ...], Hit] = {}
@@ -153,13 +117,16 @@ class TorchRunner:
         self._suffixes(list(zip(states, groups.values())), jobs, results)
         for state, members in zip(states, groups.values()):
             results[members[0]].computed_tokens += state.computed  # the shared prefix ran once
-        for group in plan_forwards([len(jobs[i].ids) for i in plain], self.max_forward_tokens, self.packed is not None):
+        for group in plan_forwards([len(jobs[i].ids) for i in plain], self.max_forward_tokens, self.executor.packs):
             slots = [plain[g] for g in group]
             self._plain([jobs[i] for i in slots], slots, results)
-        self._stats.computed_tokens = sum(r.computed_tokens for r in results)
-        self._stats.seconds = time.perf_counter() - start
-        self.last_stats = self._stats
-        return results  # type: ignore[return-value]
+        stats.computed_tokens = sum(r.computed_tokens for r in results)
+        stats.seconds = time.perf_counter() - start
+        cache = self.cache.stats
+        stats.cache_hits = cache.hits - cache_before[0]
+        stats.cache_misses = cache.misses - cache_before[1]
+        stats.cache_evictions = cache.evicted_blocks - cache_before[2]
+        return BatchResults(results, stats)  # type: ignore[arg-type]
 
     # -- one pass ----------------------------------------------------------------------------------
     def _markers_of(self, ids) -> np.ndarray:
@@ -168,74 +135,12 @@ class TorchRunner:
             return np.empty(0, dtype=np.int64)
         return np.flatnonzero(np.isin(np.asarray(ids, dtype=np.int64), self.marker_ids))
 
-    def _run(self, seqs: list, pasts: list[KV | None], keep_kv: bool, wanted: list[np.ndarray]):
-        """Run sequences (token ids, seqs[b] continuing pasts[b] when not None) in one pass. The padded
-        backend needs one past shared by all (the same object) or none. Returns the promises at `wanted[b]`
-        (positions within seqs[b]) per sequence, and with `keep_kv` a function (b, n) -> the KV of
-        pasts[b] + seqs[b][:n] per layer as [1, kv_heads, P + n, hd]."""
-        lengths = [len(s) for s in seqs]
+    def _run(self, fwd: ForwardPass) -> PassOutput:
+        out = self.executor.run(fwd)
         self._stats.forwards += 1
-        if self.packed is not None:
-            offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            self._stats.padded_tokens += sum(lengths)
-            self._stats.shapes.append([len(seqs), sum(lengths)])
-            ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.device)  # [N]
-            hidden, new_kv = self.packed.forward(ids, lengths, keep_kv=keep_kv, pasts=pasts)  # [N, H]
-            kv_rows = None
-            if keep_kv:
-                def kv_rows(b: int, n: int) -> KV:
-                    lo = int(offsets[b])
-                    rows = [(k[lo:lo + n].transpose(0, 1).unsqueeze(0), v[lo:lo + n].transpose(0, 1).unsqueeze(0))
-                            for k, v in new_kv]  # [1, kvh, n, hd]
-                    if pasts[b] is None:
-                        return rows
-                    return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
-                            for (pk, pv), (k, v) in zip(pasts[b], rows)]
-            return self._readout(hidden, offsets, wanted), kv_rows
-        past = pasts[0]
-        if any(other is not past for other in pasts):
-            raise ValueError("the padded backend runs sequences with one shared past per pass")
-        length = max(lengths)
-        ids = torch.full((len(seqs), length), self.pad_id, dtype=torch.long)  # [B, T]
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
-        self._stats.padded_tokens += ids.numel()
-        self._stats.shapes.append(list(ids.shape))
-        offsets = np.arange(len(seqs), dtype=np.int64) * length
-        if past is None and self.graphs is not None and (self.graphs.with_kv or not keep_kv):
-            flat = np.concatenate([offsets[b] + w for b, w in enumerate(wanted)]) if wanted else np.empty(0, int)
-            out = (self.graphs.maybe_run_with_kv(ids.to(self.device), torch.from_numpy(flat)) if keep_kv
-                   else self.graphs.maybe_run(ids.to(self.device), torch.from_numpy(flat)))
-            if out is not None:
-                promises, kv = out if keep_kv else (out, None)
-                values = promises.float().cpu().numpy()
-                return np.split(values, np.cumsum([len(w) for w in wanted])[:-1]), self._rows_of(kv, 0)
-        cache = None
-        if past is not None:
-            past = [(k.expand(len(seqs), -1, -1, -1), v.expand(len(seqs), -1, -1, -1)) for k, v in past]
-            cache = DynamicCache(ddp_cache_data=past)
-        elif keep_kv:
-            cache = DynamicCache()
-        hidden, cache = self.model.hidden_states(ids.to(self.device), past_key_values=cache)  # [B, T, H]
-        p = past[0][0].shape[2] if past is not None else 0
-        kv = _kv_of(cache) if cache is not None and keep_kv else None
-        return self._readout(hidden, offsets, wanted), self._rows_of(kv, p)
-
-    @staticmethod
-    def _rows_of(kv: KV | None, p: int):
-        if kv is None:
-            return None
-        return lambda b, n: [(k[b:b + 1, :, :p + n], v[b:b + 1, :, :p + n]) for k, v in kv]
-
-    def _readout(self, hidden: torch.Tensor, offsets: np.ndarray, wanted: list[np.ndarray]) -> list[np.ndarray]:
-        """One value-head call for every wanted position; hidden [N, H] or [B, T, H] flattened by `offsets`."""
-        counts = [len(w) for w in wanted]
-        if not sum(counts):
-            return [np.empty(0, dtype=np.float32) for _ in wanted]
-        flat = torch.from_numpy(np.concatenate([offsets[b] + np.asarray(w, dtype=np.int64)
-                                                for b, w in enumerate(wanted)])).to(self.device)
-        values = self.model.readout(hidden, flat).float().cpu().numpy()
-        return np.split(values, np.cumsum(counts)[:-1])
+        self._stats.padded_tokens += out.slots
+        self._stats.shapes.append(out.shape)
+        return out
 
     @staticmethod
     def _marker_array(n: int, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -245,45 +150,45 @@ class TorchRunner:
 
     # -- phases ----------------------------------------------------------------------------------
     def _prefixes(self, items: list[tuple[tuple[int, ...], Hit | None]]) -> list[_Prefix]:
-        """The KV and marker promises of every shared prefix, continuing from its cached chain. The packed
+        """The KV and marker promises of every shared prefix, continuing from its cached chain. A packing
         backend runs the uncached rests of all prefixes together (each against its own cached past)."""
         states: list[_Prefix | None] = [None] * len(items)
-        todo = []  # (index, prefix, past, markers before, rest)
+        todo: list[_PrefixTodo] = []
         for i, (prefix, hit) in enumerate(items):
             hit = hit if hit is not None else self.cache.lookup(prefix)
             past = hit.kv() if hit.tokens else None
             rest = prefix[hit.tokens:]
             if rest:
-                todo.append((i, prefix, past, hit.markers(), rest))
+                todo.append(_PrefixTodo(i, prefix, past, hit.markers(), rest))
             else:
                 states[i] = _Prefix(past, hit.markers(), 0)
-        if self.packed is not None:
-            passes = plan_forwards([len(t[4]) for t in todo], self.max_forward_tokens, packed=True)
+        if self.executor.packs:
+            passes = plan_forwards([len(t.rest) for t in todo], self.max_forward_tokens, packed=True)
         else:
             passes = [[k] for k in range(len(todo))]
         for members in passes:
             batch = [todo[k] for k in sorted(members)]
-            positions = [self._markers_of(rest) for *_, rest in batch]
-            values, kv_rows = self._run([rest for *_, rest in batch], [t[2] for t in batch], keep_kv=True,
-                                        wanted=positions)
-            for b, (i, prefix, _, before, rest) in enumerate(batch):
-                markers = np.concatenate([before, self._marker_array(len(rest), positions[b], values[b])])
-                kv = kv_rows(b, len(rest))
-                self.cache.insert(prefix, kv, markers)
-                states[i] = _Prefix(kv, markers, len(rest))
+            positions = [self._markers_of(t.rest) for t in batch]
+            out = self._run(ForwardPass([t.rest for t in batch], [t.past for t in batch], positions, keep_kv=True))
+            for b, t in enumerate(batch):
+                markers = np.concatenate([t.markers_before,
+                                          self._marker_array(len(t.rest), positions[b], out.promises[b])])
+                kv = out.kv(b, len(t.rest))
+                self.cache.insert(t.prefix, kv, markers)
+                states[t.index] = _Prefix(kv, markers, len(t.rest))
         return states  # type: ignore[return-value]
 
     def _suffixes(self, groups: list[tuple[_Prefix, list[int]]], jobs: list[ScoreJob], results: list) -> None:
         """Every group's suffixes against its prefix KV. Readouts inside a prefix come from its marker promises.
-        A group of one (an agent's grown history) also caches its whole sequence. The packed backend mixes
-        groups in a pass (sequences of a group kept together: they share one attention call); the padded
-        backend runs each group's passes separately."""
-        items = []  # (state, job index, lone)
+        A group of one (an agent's grown history) also caches its whole sequence. A packing backend mixes
+        groups in a pass (sequences of a group kept together: they share one attention call); otherwise each
+        group's passes run separately."""
+        items: list[_SuffixItem] = []
         for state, members in groups:
             lone = len(members) == 1 and self.cache.enabled
-            items += [(state, i, lone) for i in members]
-        lengths = [len(jobs[i].ids) - len(state.markers) for state, i, _ in items]
-        if self.packed is not None:
+            items += [_SuffixItem(state, i, lone) for i in members]
+        lengths = [len(jobs[it.job].ids) - len(it.state.markers) for it in items]
+        if self.executor.packs:
             passes = plan_forwards(lengths, self.max_forward_tokens, packed=True)
         else:
             passes, start = [], 0
@@ -294,35 +199,38 @@ class TorchRunner:
         for members in passes:
             self._suffix_pass([items[k] for k in sorted(members)], jobs, results)
 
-    def _suffix_pass(self, items: list[tuple[_Prefix, int, bool]], jobs: list[ScoreJob], results: list) -> None:
+    def _suffix_pass(self, items: list[_SuffixItem], jobs: list[ScoreJob], results: list) -> None:
         seqs, inside, marks = [], [], []
-        for state, i, lone in items:
-            p, job = len(state.markers), jobs[i]
+        for it in items:
+            p, job = len(it.state.markers), jobs[it.job]
             seqs.append(job.ids[p:])
             inside.append(np.array([r - p for r in job.readouts if r >= p], dtype=np.int64))
-            marks.append(self._markers_of(seqs[-1]) if lone else np.empty(0, dtype=np.int64))
-        values, kv_rows = self._run(seqs, [state.kv for state, _, _ in items], keep_kv=any(t[2] for t in items),
-                                    wanted=[np.concatenate([a, m]) for a, m in zip(inside, marks)])
-        for b, (state, i, lone) in enumerate(items):
-            job, p = jobs[i], len(state.markers)
-            own = iter(values[b][: len(inside[b])])
+            marks.append(self._markers_of(seqs[-1]) if it.lone else np.empty(0, dtype=np.int64))
+        out = self._run(ForwardPass(seqs, [it.state.kv for it in items],
+                                    [np.concatenate([a, m]) for a, m in zip(inside, marks)],
+                                    keep_kv=any(it.lone for it in items)))
+        for b, it in enumerate(items):
+            job, state = jobs[it.job], it.state
+            p = len(state.markers)
+            own = iter(out.promises[b][: len(inside[b])])
             promises = np.array([next(own) if r >= p else state.markers[r] for r in job.readouts], dtype=np.float32)
             if np.isnan(promises).any():
                 raise RuntimeError("a readout inside a shared prefix is not at a marker token")
-            results[i] = JobResult(promises, len(seqs[b]))
-            if lone:
+            results[it.job] = JobResult(promises, len(seqs[b]))
+            if it.lone:
                 n = len(seqs[b])
-                new = self._marker_array(n, marks[b], values[b][len(inside[b]):])
-                self.cache.insert(job.ids, kv_rows(b, n), np.concatenate([state.markers, new]))
+                new = self._marker_array(n, marks[b], out.promises[b][len(inside[b]):])
+                self.cache.insert(job.ids, out.kv(b, n), np.concatenate([state.markers, new]))
 
     def _plain(self, jobs: list[ScoreJob], slots: list[int], results: list) -> None:
         keep = self.cache.enabled
         readouts = [np.asarray(job.readouts, dtype=np.int64) for job in jobs]
         marks = [self._markers_of(job.ids) if keep else np.empty(0, dtype=np.int64) for job in jobs]
-        values, kv_rows = self._run([job.ids for job in jobs], [None] * len(jobs), keep_kv=keep,
-                                    wanted=[np.concatenate([r, m]) for r, m in zip(readouts, marks)])
+        out = self._run(ForwardPass([job.ids for job in jobs], [None] * len(jobs),
+                                    [np.concatenate([r, m]) for r, m in zip(readouts, marks)], keep_kv=keep))
         for b, (job, slot) in enumerate(zip(jobs, slots)):
-            results[slot] = JobResult(values[b][: len(readouts[b])].astype(np.float32), len(job.ids))
+            values = out.promises[b]
+            results[slot] = JobResult(values[: len(readouts[b])].astype(np.float32), len(job.ids))
             if keep:
                 n = len(job.ids)
-                self.cache.insert(job.ids, kv_rows(b, n), self._marker_array(n, marks[b], values[b][len(readouts[b]):]))
+                self.cache.insert(job.ids, out.kv(b, n), self._marker_array(n, marks[b], values[len(readouts[b]):]))

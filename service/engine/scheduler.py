@@ -9,8 +9,8 @@ resolves each job's future.
 
 Admission and cancellation: queue bounds make `submit` raise `Overloaded` at once -- in jobs, in tokens,
 and in time (`max_queue_delay_s`: the queued tokens at the measured throughput, so that under sustained
-overload admitted requests still finish well within their deadlines) -- with a Retry-After estimated
-from the queued tokens and the measured throughput. When a request is cancelled
+overload admitted requests still finish well within their deadlines). The decision and its Retry-After
+are service.engine.admission's; the scheduler only reports its load. When a request is cancelled
 (deadline, client gone) its queued jobs leave the queue at once and are never computed.
 
 Faults: a failing batch fails only the futures of its own jobs (`BatchFailed`, logged with the request
@@ -26,15 +26,13 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
-
-from service.engine.errors import BatchFailed, NotReady, Overloaded
-from service.engine.runner import ScoreJob
+from service.engine.admission import QueueBounds, QueueLoad, queue_refusal, retry_after_s
+from service.engine.errors import BatchFailed, NotReady
+from service.engine.types import JobResult, ScoreJob
 
 log = logging.getLogger("agentprm.scheduler")
 
@@ -77,10 +75,14 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    def __init__(self, run_batch: Callable[[list[ScoreJob]], list[np.ndarray]], config: SchedulerConfig,
-                 on_batch: Callable[[list[ScoreJob], float], None] | None = None):
+    def __init__(self, run_batch: Callable[[list[ScoreJob]], list[JobResult]], config: SchedulerConfig,
+                 on_batch: Callable[[list[JobResult], float], None] | None = None):
+        """`run_batch` runs in the worker thread and returns one result per job (the runner's BatchResults,
+        which carry the batch's stats); `on_batch(results, seconds)` sees each successful batch."""
         self.run_batch = run_batch
         self.config = config
+        self.bounds = QueueBounds(config.max_queue_jobs, config.max_queue_tokens, config.max_queue_delay_s,
+                                  config.max_retry_after_s)
         self.on_batch = on_batch
         self._queue: collections.deque[_Entry] = collections.deque()
         self._queued_tokens = 0
@@ -89,9 +91,7 @@ class Scheduler:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="agentprm-model")
         self._closed = False
         self.batches_run = 0
-        self.batches_failed = 0
         self.consecutive_failures = 0
-        self.last_error: BaseException | None = None
         self.failure: str | None = None  # why the engine died; None while it serves
         self._tokens_per_s = 0.0  # moving average of the measured throughput (Retry-After estimates)
 
@@ -142,40 +142,30 @@ class Scheduler:
     def queued_tokens(self) -> int:
         return self._queued_tokens
 
+    def load(self) -> QueueLoad:
+        return QueueLoad(len(self._queue), self._queued_tokens, self._tokens_per_s)
+
     def queue_delay_s(self) -> float:
         """Seconds the queued tokens take at the measured throughput (0 until a batch has been measured)."""
-        return self._queued_tokens / self._tokens_per_s if self._tokens_per_s > 0 else 0.0
+        return self.load().delay_s
 
     def retry_after_s(self) -> float:
-        """How long until the queued tokens are likely computed (at least 1 s, at most the configured cap)."""
-        if self._tokens_per_s <= 0:
-            return 1.0
-        return float(min(self.config.max_retry_after_s, max(1.0, math.ceil(self._queued_tokens / self._tokens_per_s))))
+        """How long until the queued tokens are likely computed (service.engine.admission)."""
+        return retry_after_s(self.load(), self.bounds)
 
     def saturated(self) -> float | None:
         """Retry-After seconds when the queue is at a bound (any new request would be refused), else None."""
-        cfg = self.config
-        if not self._queue:
-            return None
-        if (len(self._queue) >= cfg.max_queue_jobs or self._queued_tokens >= cfg.max_queue_tokens
-                or (cfg.max_queue_delay_s and self.queue_delay_s() > cfg.max_queue_delay_s)):
-            return self.retry_after_s()
-        return None
+        refused = queue_refusal(self.load(), self.bounds)
+        return refused.retry_after_s if refused is not None else None
 
-    async def submit(self, jobs: list[ScoreJob], tag: str = "") -> list[np.ndarray]:
+    async def submit(self, jobs: list[ScoreJob], tag: str = "") -> list[JobResult]:
         if self._closed or not self.alive:
             raise NotReady(f"the engine is not running ({self.failure})" if self.failure
                            else "the engine is not running")
         tokens = sum(len(j.ids) for j in jobs)
-        cfg = self.config
-        if self._queue and (len(self._queue) + len(jobs) > cfg.max_queue_jobs
-                            or self._queued_tokens + tokens > cfg.max_queue_tokens):
-            raise Overloaded(f"queue full ({len(self._queue)} jobs, {self._queued_tokens} tokens queued)",
-                             retry_after_s=self.retry_after_s())
-        delay = self.queue_delay_s()
-        if self._queue and cfg.max_queue_delay_s and delay > cfg.max_queue_delay_s:
-            raise Overloaded(f"queue full (about {delay:.1f} s of work queued; the bound is "
-                             f"{cfg.max_queue_delay_s:g} s)", retry_after_s=self.retry_after_s())
+        refused = queue_refusal(self.load(), self.bounds, jobs=len(jobs), tokens=tokens)
+        if refused is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         entries = [_Entry(job, loop.create_future(), now, tag) for job in jobs]
@@ -258,14 +248,12 @@ class Scheduler:
             self._tokens_per_s = rate if self._tokens_per_s <= 0 else 0.8 * self._tokens_per_s + 0.2 * rate
             if self.on_batch is not None:
                 try:
-                    self.on_batch(jobs, seconds)
+                    self.on_batch(outputs, seconds)
                 except Exception:  # metrics must never take the engine down
                     log.exception("batch callback failed")
 
     def _batch_failed(self, batch: list[_Entry], exc: Exception) -> bool:
         """Fail the batch's requests; return True when the engine must stop for good."""
-        self.last_error = exc
-        self.batches_failed += 1
         self.consecutive_failures += 1
         tags = sorted({e.tag for e in batch if e.tag})
         log.error("batch of %d jobs failed (requests %s): %s: %s", len(batch), ", ".join(tags) or "-",

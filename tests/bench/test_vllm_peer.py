@@ -3,20 +3,20 @@
 Not in the default suite: every test starts a vLLM engine (~20-30 s each on 2 cores) from the
 `.venv-vllm` environment that bench/vllm_setup.sh creates; skipped, naming the missing package, when
 that environment is absent. Reference: plain transformers (Qwen2Model.from_pretrained on the checkpoint's
-backbone/) + our value head + sigmoid at the DESIGN §2 readouts, fp32. vLLM must match within 1e-4,
+backbone/) + our value head + sigmoid at the readouts (docs/ARCHITECTURE.md), fp32. vLLM must match within 1e-4,
 over HTTP (the path the benchmark uses, both STEP and ALL pooling, two head layouts) and offline.
 """
 
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from bench import vllm_peer as vp
+from clients.local_server import free_port
 from model_store.export import init_random
 
 pytestmark = [
@@ -28,12 +28,6 @@ pytestmark = [
 TOL = 1e-4
 WORDS = ("go to the red ball blue key yellow door wall turn left right move forward pick up drop toggle "
          "you see a steps ahead <|end|> <|state|> carry nothing 1 2 3").split()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def rendered(checkpoint):
     from tokenizers import Tokenizer
 
     from model_store.store import verify_checkpoint
-    from service.engine.render import Renderer
+    from model_store.render import Renderer
     from service.engine.types import Step, Trajectory
 
     manifest = verify_checkpoint(checkpoint)
@@ -96,7 +90,7 @@ def _check(got, reference, pooling):
 def test_http_server_matches_reference(checkpoint, rendered, reference, tmp_path, arch, pooling):
     export = vp.export_for_vllm(checkpoint, tmp_path / arch, arch=arch)
     ids = [list(r.ids) for r in rendered]
-    with vp.VllmServer(export.path, _free_port(), pooling=pooling, log_path=tmp_path / "serve.log") as server:
+    with vp.VllmServer(export.path, free_port(), pooling=pooling, log_path=tmp_path / "serve.log") as server:
         assert server.start_s is not None and server.start_s > 0
         batch = server.score_ids(ids)
         single = [server.score_ids([x])[0] for x in ids[:2]]  # one request per trajectory too

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from clients import AsyncPRMClient, PRMClient, PRMError
+from clients.sdk import is_loopback
 from service.api.protocol import StepIn, TrajectoryIn
 from tests.conftest import free_port, trajectory_json
 
@@ -100,3 +101,96 @@ def test_connection_refused_is_raised_after_retries():
         assert not client.ready()
         with pytest.raises(httpx.ConnectError):
             client.models()
+
+
+def test_loopback_urls_ignore_proxy_variables(live_server, monkeypatch):
+    """A cluster-wide HTTP_PROXY must not capture calls to a co-located server; trust_env=True restores it."""
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    with PRMClient(live_server) as client:
+        assert client.trust_env is False and client.ready()
+        assert client.models().data[0].id == "tiny-prm:1"
+    with PRMClient(live_server, trust_env=True, max_retries=0) as client:
+        assert not client.ready()  # through the dead proxy
+    assert is_loopback("http://localhost:8000") and is_loopback("http://[::1]:8000")
+    assert is_loopback("http://127.0.0.2:8000") and not is_loopback("http://10.0.0.1:8000")
+    with PRMClient("http://prm.internal:8000") as remote:
+        assert remote.trust_env is True  # httpx's default for everything else
+
+
+def test_reward_method_sync_and_async(live_server):
+    text = "<|task|>t<|obs|>o<|act|>a<|end|>"
+    with PRMClient(live_server) as client:
+        sync = client.reward([text, text], ["", ""], aggregate="sum_progress")
+        scored = client.score([{"task": "t", "steps": [{"observation": "o", "action": "a"}]}])
+
+    async def go():
+        async with AsyncPRMClient(live_server) as client:
+            return await client.reward([text])
+
+    assert sync.rewards[0] == pytest.approx(scored.results[0].steps[0].progress, abs=1e-6)
+    assert asyncio.run(go()).rewards[0] == pytest.approx(scored.results[0].score, abs=1e-6)
+
+
+class RecordingTransport(httpx.HTTPTransport):
+    """Passes requests to the live server and keeps the headers each one carried."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent: list[httpx.Headers] = []
+
+    def handle_request(self, request):
+        self.sent.append(request.headers)
+        return super().handle_request(request)
+
+
+def test_episode_id_and_extra_headers_per_client_and_per_call(live_server):
+    traj = trajectory_json("go to the red ball", 2)
+    wire = RecordingTransport()
+    with PRMClient(live_server, transport=wire, episode_id="ep-client", headers={"X-Tenant": "a"}) as client:
+        plain = client.score([traj]).results[0].score
+        client.score([traj], episode_id="ep-call", headers={"X-Trace": "t1"})
+        client.episode_id = None
+        anonymous = client.score([traj]).results[0].score  # no episode id: still served, same answer
+    first, second, third = wire.sent
+    assert first["x-episode-id"] == "ep-client" and first["x-tenant"] == "a" and "x-trace" not in first
+    assert second["x-episode-id"] == "ep-call" and second["x-trace"] == "t1" and second["x-tenant"] == "a"
+    assert "x-episode-id" not in third
+    assert abs(plain - anonymous) < 1e-6
+
+
+def test_a_malformed_episode_id_is_refused_before_sending():
+    def handler(request):
+        raise AssertionError("nothing should be sent")
+
+    with pytest.raises(ValueError, match="episode_id"):
+        PRMClient("http://127.0.0.1:1", episode_id="has space")
+    with PRMClient("http://127.0.0.1:1", transport=httpx.MockTransport(handler)) as client:
+        with pytest.raises(ValueError, match="episode_id"):
+            client.score([trajectory_json("t", 1)], episode_id="line\nbreak")
+        with pytest.raises(ValueError, match="episode_id"):
+            client.episode_id = "x" * 129
+
+
+def test_async_client_sends_the_episode_id(live_server):
+    seen = []
+
+    class Recording(httpx.AsyncHTTPTransport):
+        async def handle_async_request(self, request):
+            seen.append(request.headers.get("x-episode-id"))
+            return await super().handle_async_request(request)
+
+    traj = trajectory_json("go to the red ball", 2)
+    beams = [{"trajectory": traj, "observation": "a ball", "candidates": ["move forward", "turn left"]}]
+
+    async def main():
+        async with AsyncPRMClient(live_server, transport=Recording(), episode_id="ep-a") as client:
+            await client.score([traj])
+            await client.beam_expand(beams, beam_width=1, episode_id="ep-b")
+            await client.rerank("t", [traj["steps"]], headers={"X-Episode-ID": "ignored"}, episode_id="ep-c")
+
+    asyncio.run(main())
+    assert seen == ["ep-a", "ep-b", "ep-c"]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from clients import PRMClient
 from clients.search import beam_search, best_of_n
+from tests.clients.test_sdk import RecordingTransport
 
 
 @dataclass
@@ -64,5 +67,30 @@ def test_best_of_n_picks_the_rerank_winner(live_server):
     with PRMClient(live_server) as prm:
         choice = best_of_n(prm, "walk", candidates)
         ranked = prm.rerank("walk", candidates)
-    assert choice == ranked.results[0].index
-    assert best_of_n(None, "walk", candidates[:1]) == 0  # one candidate needs no PRM call
+        scored = prm.score([{"task": "walk", "steps": c} for c in candidates])
+    assert choice.index == ranked.results[0].index
+    # Scores come back in the candidates' order, equal to scoring each candidate alone.
+    assert choice.scores == pytest.approx([r.score for r in scored.results], abs=1e-6)
+    assert choice.scores[choice.index] == max(choice.scores)
+    assert best_of_n(None, "walk", candidates[:1]) == (0, [])  # one candidate needs no PRM call
+
+
+def test_each_search_sends_one_episode_id_on_all_its_calls(live_server):
+    wire = RecordingTransport()
+    with PRMClient(live_server, transport=wire) as prm:
+        first = beam_search(prm, Corridor, seed=1, propose=lambda env, k: list(Corridor.actions[:k]),
+                            beam_width=2, candidates_per_beam=3)
+        first_ids = [h.get("x-episode-id") for h in wire.sent]
+        wire.sent.clear()
+        second = beam_search(prm, Corridor, seed=1, propose=lambda env, k: list(Corridor.actions[:k]),
+                             beam_width=2, candidates_per_beam=3, episode_id="my-episode")
+        second_ids = [h.get("x-episode-id") for h in wire.sent]
+        wire.sent.clear()
+        candidates = [[{"observation": "o", "action": a}] for a in Corridor.actions]
+        best_of_n(prm, "walk", candidates)
+        best_of_n(prm, "walk", candidates)
+        bon_ids = [h.get("x-episode-id") for h in wire.sent]
+    assert len(first_ids) == first.prm_calls >= 3 and set(first_ids) == {first.episode_id} and first.episode_id
+    assert second_ids == ["my-episode"] * second.prm_calls and second.episode_id == "my-episode"
+    assert first.trace == second.trace  # the header changes routing, never the answer
+    assert len(bon_ids) == 2 and all(bon_ids) and bon_ids[0] != bon_ids[1]  # one episode per search

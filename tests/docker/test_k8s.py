@@ -8,6 +8,7 @@ Rendering uses the pure-Python renderer; where kubectl is installed its `kustomi
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 
@@ -163,3 +164,64 @@ def test_kubectl_kustomize_renders_the_same(variant):
     assert run.returncode == 0, run.stderr
     theirs = by_kind([doc for doc in yaml.safe_load_all(run.stdout) if doc])
     assert theirs == by_kind(kustomize.render(OVERLAYS[variant]))
+
+
+AFFINITY = K8S / "overlays" / "affinity"
+
+
+def test_affinity_overlay_puts_the_shipped_nginx_config_in_front_of_headless_pods():
+    spec = importlib.util.spec_from_file_location("make_affinity_config", K8S / "make_affinity_config.py")
+    make_affinity_config = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_affinity_config)  # a script beside the manifests, not a package
+
+    resources = kustomize.render(AFFINITY)
+    named = {(r["kind"], r["metadata"]["name"]): r for r in resources}
+    base = {(r["kind"], r["metadata"]["name"]) for r in kustomize.render(K8S / "base")}
+    assert base <= set(named)  # the servers, HPA, PDB and monitoring as in the base
+    server = named[("Deployment", "agentprm")]
+    pod_labels = server["spec"]["template"]["metadata"]["labels"]
+
+    headless = named[("Service", "agentprm-pods")]["spec"]
+    assert headless["clusterIP"] == "None" and headless["selector"].items() <= pod_labels.items()
+    (port,) = headless["ports"]
+    assert port["port"] == 8000 and port["targetPort"] in {p["name"] for p in container({"Deployment": server})["ports"]}
+
+    proxy = named[("Deployment", "agentprm-proxy")]
+    proxy_pod = proxy["spec"]["template"]
+    assert proxy["spec"]["replicas"] >= 2
+    assert not proxy_pod["metadata"]["labels"].items() <= server["spec"]["selector"]["matchLabels"].items()
+    (nginx,) = proxy_pod["spec"]["containers"]
+    image, tag = nginx["image"].split(":")
+    assert image == "nginx" and tuple(int(x) for x in tag.split("-")[0].split(".")) >= (1, 27, 3)  # `resolve`
+    assert nginx["readinessProbe"]["httpGet"]["path"] == "/nginx-health"
+    (mount,) = nginx["volumeMounts"]
+    (volume,) = proxy_pod["spec"]["volumes"]
+    assert mount["name"] == volume["name"] and mount["mountPath"] == "/etc/nginx/templates"
+    front = named[("Service", "agentprm-proxy")]["spec"]
+    assert front["selector"].items() <= proxy_pod["metadata"]["labels"].items()
+    assert front["ports"][0]["targetPort"] == nginx["ports"][0]["name"]
+
+    # The ConfigMap is docker/nginx/agentprm.conf with the cluster's resolver and the headless Service.
+    config = named[("ConfigMap", volume["configMap"]["name"])]
+    (template_name, text), = config["data"].items()
+    assert template_name.endswith(".template")
+    source = (REPO / "docker" / "nginx" / "agentprm.conf").read_text()
+    assert text == make_affinity_config.cluster_config(source), \
+        "run `python docker/k8s/make_affinity_config.py` after editing docker/nginx/agentprm.conf"
+    assert "kube-dns.kube-system" in text and text.count("agentprm-pods.${POD_NAMESPACE}.svc.cluster.local:8000") == 2
+    assert {e["name"] for e in nginx["env"]} >= {"POD_NAMESPACE"}
+    assert "hash $http_x_episode_id consistent;" in text and "least_conn;" in text
+
+    validator = pytest.importorskip("kubernetes_validate", reason="the kubernetes-validate package is not installed")
+    for resource in resources:
+        if not resource["apiVersion"].startswith("monitoring.coreos.com/"):
+            validator.validate(resource, "1.30.0", strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")
+def test_kubectl_kustomize_renders_the_affinity_overlay_the_same():
+    run = subprocess.run(["kubectl", "kustomize", str(AFFINITY)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    key = lambda r: (r["kind"], r["metadata"]["name"])  # noqa: E731
+    theirs = sorted((doc for doc in yaml.safe_load_all(run.stdout) if doc), key=key)
+    assert theirs == sorted(kustomize.render(AFFINITY), key=key)

@@ -196,14 +196,16 @@ def test_compose_wires_the_service_prometheus_and_grafana():
     assert gpu["profiles"] == ["gpu"] and cpu["profiles"] == ["cpu"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
-    assert "deploy" not in cpu
+    assert "resources" not in cpu["deploy"]  # no GPU reservation on the CPU profile
     dockerfile = (REPO / "Dockerfile").read_text()
     declared_args = {line.split()[1].split("=")[0] for line in dockerfile.splitlines() if line.startswith("ARG ")}
     for service in (gpu, cpu):
         assert (DOCKER / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
         assert set(service["build"].get("args", {})) <= declared_args
         assert any(v.split(":")[-1] == "/models" for v in service["volumes"])
-        assert "8000:8000" in service["ports"]
+        # Replicas are reached through nginx only: none publishes a host port, each runs AGENTPRM_REPLICAS copies.
+        assert "ports" not in service and service["expose"] == ["8000"]
+        assert int(service["deploy"]["replicas"].split(":-")[-1].rstrip("}")) >= 2
         grace = float(service["stop_grace_period"].rstrip("s"))
         drain = float(service["environment"]["AGENTPRM_DRAIN_TIMEOUT_S"].split(":-")[-1].rstrip("}"))
         assert grace > drain
@@ -216,12 +218,18 @@ def test_compose_wires_the_service_prometheus_and_grafana():
         assert ServerSettings(metrics_auth=default).metrics_auth is False
     assert cpu["build"]["args"]["TORCH_VERSION"].endswith("+cpu")
 
-    # Prometheus scrapes a host that both server variants answer to, on the image's port.
+    # nginx publishes the API and runs the shipped affinity config.
+    proxy = services["nginx"]
+    assert proxy["ports"] == ["8000:8000"] and "profiles" not in proxy
+    (conf,) = [v for v in proxy["volumes"] if v.endswith(":/etc/nginx/conf.d/default.conf:ro")]
+    assert (DOCKER / conf.split(":")[0]).resolve() == DOCKER / "nginx" / "agentprm.conf"
+
+    # Prometheus scrapes every replica (DNS service discovery of the name both server variants answer to).
     prometheus = yaml.safe_load(PROMETHEUS.read_text())
     (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "agentprm"]
-    (target,) = job["static_configs"][0]["targets"]
-    host, port = target.split(":")
-    assert port == "8000" and "EXPOSE 8000" in dockerfile
+    (discovery,) = job["dns_sd_configs"]
+    (host,), port = discovery["names"], discovery["port"]
+    assert discovery["type"] == "A" and port == 8000 and "EXPOSE 8000" in dockerfile
     assert host in gpu.get("hostname", "agentprm") and host in cpu["networks"]["default"]["aliases"]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"] if v.startswith("./")}
     assert {Path(p).name for p in prometheus["rule_files"]} == {"alerts.yml"}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from model_store.manifest import Manifest, write_manifest
 from model_store.store import CheckpointError, ModelStore, read_manifest, resolve_checkpoint, verify_checkpoint
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 
 
 @pytest.fixture
@@ -47,6 +47,14 @@ def test_unknown_schema_version_is_refused(ckpt):
     (ckpt / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="unknown schema_version 99"):
         verify_checkpoint(ckpt)
+
+
+def test_a_chat_template_is_refused_not_ignored(ckpt):
+    raw = json.loads((ckpt / "manifest.json").read_text())
+    raw["template"]["chat_template"] = "chatml"
+    (ckpt / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"invalid field 'template\.chat_template'.*not supported"):
+        read_manifest(ckpt)
 
 
 def test_missing_listed_file_is_refused(ckpt):

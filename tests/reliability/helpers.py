@@ -78,20 +78,6 @@ def metric(url: str, name: str, headers: dict | None = None) -> float:
 
 def start_instrumented(mode: str, checkpoint, *extra: str):
     """Like tests.conftest.start_server, through tests.reliability.faulty_serve MODE (slow, device-error)."""
-    import subprocess
-    import sys
+    from tests.conftest import start_server
 
-    from tests.conftest import REPO, wait_ready
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "tests.reliability.faulty_serve", mode, "serve", "--model", str(checkpoint),
-           "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except Exception:
-        proc.kill()
-        output = proc.communicate(timeout=10)[0].decode(errors="replace")
-        raise RuntimeError(f"server did not start:\n{output[-3000:]}") from None
-    return proc, url
+    return start_server(checkpoint, *extra, module=("tests.reliability.faulty_serve", mode))

@@ -19,7 +19,7 @@ import pytest
 
 from service.api.app import ApiConfig, create_app
 from service.engine.engine import EngineConfig, PRMEngine
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 from tests.conftest import make_trajectory, trajectory_json
 from tests.reliability.helpers import GatedRunner, ThreadedServer, metric, wait_until
 

@@ -15,7 +15,7 @@ from starlette.routing import Route
 from service.api.app import ApiConfig, create_app
 from service.cli import _settings_from_args, build_parser, main
 from service.engine.engine import EngineConfig, PRMEngine
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 from tests.conftest import trajectory_json
 from tests.reliability.helpers import API_KEY, AUTH
 

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.api.server import EXIT_ENGINE_DEAD
 from service.engine.engine import EngineConfig, PRMEngine
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 from tests.conftest import REPO, free_port, make_trajectory, trajectory_json, wait_ready
 from tests.reliability.helpers import GatedRunner, ThreadedServer, wait_until
 

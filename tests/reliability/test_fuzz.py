@@ -44,8 +44,8 @@ def test_fuzz_every_operation_of_the_live_schema(keyed_server):
     schema = schemathesis.openapi.from_url(f"{keyed_server}/openapi.json", headers=AUTH, timeout=30)
     operations = [result.ok() for result in schema.get_all_operations()]
     labels = {op.label for op in operations}
-    assert {"POST /v1/score", "POST /v1/rerank", "POST /v1/beam-expand", "GET /v1/models", "GET /health",
-            "GET /ready", "GET /metrics"} <= labels
+    assert {"POST /v1/score", "POST /v1/rerank", "POST /v1/beam-expand", "POST /v1/reward", "GET /v1/models",
+            "GET /health", "GET /ready", "GET /metrics"} <= labels
     counts: dict[str, int] = {}
     with requests.Session() as session:
         for op in operations:

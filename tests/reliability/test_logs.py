@@ -27,9 +27,10 @@ def test_json_access_log_has_the_fields_and_never_the_body(tiny_checkpoint):
         engine = PRMEngine.from_checkpoint(tiny_checkpoint, EngineConfig(device="cpu"))
         with TestClient(create_app(engine)) as client:
             body = {"trajectories": [{"task": SECRET, "steps": trajectory_json("t", 2)["steps"]}]}
-            ok = client.post("/v1/score", json=body, headers={"X-Request-ID": "req-log-1"})
+            ok = client.post("/v1/score", json=body, headers={"X-Request-ID": "req-log-1",
+                                                              "X-Episode-ID": "episode-7"})
             bad = client.post("/v1/score", json={"trajectories": [{"task": SECRET, "steps": []}]},
-                              headers={"X-Request-ID": "req-log-2"})
+                              headers={"X-Request-ID": "req-log-2", "X-Episode-ID": "no spaces allowed"})
             client.get("/health")
     finally:
         root.handlers[:] = saved[0]
@@ -43,7 +44,9 @@ def test_json_access_log_has_the_fields_and_never_the_body(tiny_checkpoint):
     usage = ok.json()["usage"]
     assert (first["prompt_tokens"], first["computed_tokens"], first["cached_tokens"]) == (
         usage["prompt_tokens"], usage["computed_tokens"], usage["cached_tokens"])
+    assert first["episode_id"] == "episode-7"
     assert access["req-log-2"]["status"] == 422 and "prompt_tokens" not in access["req-log-2"]
+    assert "episode_id" not in access["req-log-2"]  # a malformed episode id is not written to the log
     assert not any(r["route"] == "/health" for r in access.values())  # probes only at debug level
     assert SECRET not in stream.getvalue()
 

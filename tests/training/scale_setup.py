@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from service.engine.render import Renderer
+from model_store.render import Renderer
 from tests.training.synthetic import make_dataset
 from training.backbone import initialize, qwen2_config
 from training.data import corpus_text, data_summary, initial_value_targets, split_by_group, write_jsonl

@@ -32,7 +32,7 @@ def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
     # micro-batch budget splits each process's share, so gradient accumulation (no_sync) is exercised too.
     common = ["train", "--data", str(data), "--method", "agentprm", "--layers", "1", "--hidden", "32",
               "--vocab", "600", "--epochs", "2", "--batch-size", "8", "--max-batch-tokens", "180", "--lr", "3e-3",
-              "--val-fraction", "0.2", "--no-progress", "--max-seq-len", "512"]
+              "--val-fraction", "0.2", "--no-progress", "--max-seq-len", "512", "--precision", "fp32"]
     assert main([*common, "--out", str(tmp_path / "one"), "--log", str(tmp_path / "one.jsonl")]) == 0
 
     env = {**os.environ, "WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}

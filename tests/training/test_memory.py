@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.engine.prm import PRMModel
+from model_store.modeling import PRMModel
 from tests.training.scale_setup import llama_config
 from training.backbone import build_backbone, qwen2_config
 from training.lora import add_lora

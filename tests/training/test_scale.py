@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from model_store.store import verify_checkpoint
-from service.engine.prm import load_prm
-from service.engine.render import Renderer
+from model_store.modeling import load_prm
+from model_store.render import Renderer
 from tests.training.scale_setup import MAX_SEQ_LEN, config_file, fork_file, setup, trainer
 from training.cli import main
 from training.data import write_jsonl

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from service.engine.engine import EngineConfig, PRMEngine
-from service.engine.render import Renderer
+from model_store.render import Renderer
 from tests.training.synthetic import make_dataset
 from training.backbone import initialize
 from training.data import corpus_text, data_summary, initial_value_targets, load_jsonl, split_by_group, write_jsonl

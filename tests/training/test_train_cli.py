@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model_store.store import verify_checkpoint
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 from tests.training.synthetic import make_dataset
 from training.cli import main
 from training.data import file_sha256, write_jsonl

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from service.engine.cuda_graphs import GraphRunner
 from service.engine.packed import PackedQwen2, supports
 from service.engine.prefix_cache import PrefixCache
-from service.engine.prm import build_backbone, load_prm
+from model_store.modeling import build_backbone, load_prm
 from service.engine.runner import ScoreJob, TorchRunner, plan_forwards
 
 CONFIGS = {
@@ -67,7 +67,7 @@ def test_packed_forward_continues_a_shared_past(kind):
         cache = DynamicCache()
         model(input_ids=prefix, past_key_values=cache, use_cache=True)
         past = [(layer.keys, layer.values) for layer in cache.layers]  # [1, kvh, 25, hd]
-        hidden, _ = packed.forward(torch.cat(suffixes), [len(s) for s in suffixes], past=past)
+        hidden, _ = packed.forward(torch.cat(suffixes), [len(s) for s in suffixes], pasts=[past] * len(suffixes))
         offset = 0
         for s in suffixes:
             ref = model(input_ids=torch.cat([prefix[0], s])[None]).last_hidden_state[0, prefix.shape[1]:]
@@ -136,14 +136,14 @@ def _run_all(loaded, backend: str, graphs: bool = False, cache_bytes: int = 1 <<
     for batch in _jobs(np.random.default_rng(7), vocab, marker):
         results = runner.run_batch(batch)
         out.append([(r.promises, r.computed_tokens) for r in results])
-    return runner, out
+    return runner, out, results.stats  # the last batch's stats travel with its results
 
 
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 24])
 def test_runner_backends_agree(loaded, cache_bytes):
-    packed_runner, packed = _run_all(loaded, "packed", cache_bytes=cache_bytes)
-    padded_runner, padded = _run_all(loaded, "padded", cache_bytes=cache_bytes)
-    graph_runner, graphed = _run_all(loaded, "padded", graphs=True, cache_bytes=cache_bytes)
+    packed_runner, packed, packed_stats = _run_all(loaded, "packed", cache_bytes=cache_bytes)
+    padded_runner, padded, _ = _run_all(loaded, "padded", cache_bytes=cache_bytes)
+    graph_runner, graphed, _ = _run_all(loaded, "padded", graphs=True, cache_bytes=cache_bytes)
     assert packed_runner.backend == "packed" and padded_runner.backend == "padded"
     assert graph_runner.graphs is not None and graph_runner.graphs.replays > 0  # plain passes went through it
     for other in (padded, graphed):
@@ -155,7 +155,7 @@ def test_runner_backends_agree(loaded, cache_bytes):
     assert promises.std() > 1e-4  # distinct values: the comparison is not between constants
     if cache_bytes:  # the grown history was served from the cache on every backend
         assert packed[2][0][1] < 64 + 20
-    assert packed_runner.last_stats.padded_tokens == packed_runner.last_stats.computed_tokens
+    assert packed_stats.padded_tokens == packed_stats.computed_tokens
 
 
 def test_auto_backend_is_packed_on_the_cpu(loaded):

@@ -11,7 +11,7 @@ import torch
 
 from service.engine.cuda_graphs import (GraphRunner, check_buckets, default_buckets, pad_to_bucket, pick_bucket,
                                         remap_flat_index)
-from service.engine.prm import load_prm
+from model_store.modeling import load_prm
 
 BUCKETS = check_buckets([(1, 64), (1, 128), (4, 64), (4, 128), (8, 256)])
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.engine import kernels
-from service.engine.kernels import value_head_readout_ref
+from model_store import kernels
+from model_store.kernels import value_head_readout_ref
 
 REPO = Path(__file__).resolve().parents[3]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,9 +169,9 @@ def test_triton_selection_falls_back_where_the_kernel_cannot_run(monkeypatch, re
 _INTERPRETED = """
 import json, sys, torch
 from safetensors.torch import save_file
-from service.engine import kernels
+from model_store import kernels
 from tests.service.engine.test_kernels import CASES, case_id, make_case
-from service.engine.triton_kernels import value_head_readout_triton, block_sizes
+from model_store.triton_kernels import value_head_readout_triton, block_sizes
 
 kernels.set_kernel("triton")
 out, report = {}, {"kernel_for": [], "blocks": {}}

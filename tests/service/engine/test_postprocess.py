@@ -1,4 +1,4 @@
-"""progress and aggregates on hand-made values (DESIGN §1)."""
+"""progress and aggregates on hand-made values (README.md)."""
 
 import math
 

@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_store.manifest import Template
-from service.engine.prm import load_prm
-from service.engine.render import Renderer
+from model_store.modeling import load_prm
+from model_store.render import Renderer
 from service.engine.types import Step, Trajectory
 
 text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40) | st.sampled_from(

@@ -8,7 +8,7 @@ project); the head never touches the other B*T - N positions.
 Implementations:
 - `value_head_readout_ref`: plain torch (gather the rows, upcast them, one [N, H] x [H] product). Used on
   the CPU, for training (it is differentiable) and as the ground truth in tests.
-- `value_head_readout_triton` (service/engine/triton_kernels.py): one Triton kernel that gathers and
+- `value_head_readout_triton` (model_store/triton_kernels.py): one Triton kernel that gathers and
   projects in a single pass. Used on a CUDA GPU when the `triton` package is installed. It never syncs
   with the GPU (CUDA-graph safe): an out-of-range index there gives a NaN logit, not an error.
 
@@ -60,7 +60,7 @@ def _load_triton():
     global _triton_impl, HAS_TRITON
     if _triton_impl is None:
         try:
-            from service.engine.triton_kernels import value_head_readout_triton
+            from model_store.triton_kernels import value_head_readout_triton
         except Exception as exc:  # a broken triton install must not take the server down: fall back
             HAS_TRITON = False
             raise RuntimeError(f"the `triton` package is installed but cannot be imported ({exc})") from exc

@@ -1,13 +1,17 @@
-"""The PRM module: a transformers backbone plus a linear value head read at readout positions only.
+"""The PRM model at the bottom of the package graph: a transformers backbone plus a linear value head read
+at readout positions only.
 
-`PRMModel` is the one definition shared by serving (service.engine.runner) and training (training/):
-promise = activation(value_head(h[readout])). The head never sees non-readout positions (gather first,
-then project). `load_prm` builds it from a verified checkpoint: safetensors only, shapes checked,
-`trust_remote_code` never set.
+`PRMModel` is the one definition shared by serving (service.engine), training (training/) and the store's
+importers (model_store.importers): promise = activation(value_head(h[readout])). The head never sees
+non-readout positions (gather first, then project). Weights come in through one shape-checked door:
+`read_safetensors` (safetensors only, pickle refused) and `load_weights` (names and shapes must match the
+config). `load_prm` builds the PRM from a verified checkpoint; `trust_remote_code` is never set.
+This module imports nothing from service/ or training/ (docs/ARCHITECTURE.md, "Layers").
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +19,25 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from model_store.kernels import value_head_readout
 from model_store.manifest import Manifest
-from model_store.store import CheckpointError, verify_checkpoint
-from service.engine.kernels import value_head_readout
+from model_store.store import PICKLE_SUFFIXES, CheckpointError, verify_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu; an explicit cuda device without CUDA is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 on a GPU; fp32 on a CPU, where bf16 without hardware support is ~100x slower.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build_backbone(config_dict: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -90,14 +108,31 @@ def load_tokenizer(path: Path, manifest: Manifest):
     return tokenizer
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(file))
-    except Exception as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors files, merged; an unreadable file is a CheckpointError naming it."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    return tensors
 
 
-def _assign(module: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every *.safetensors file of a (Hugging Face) model folder; pickle weights are never loaded."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+        hint = (f" (found {', '.join(pickled)}: pickle weights are never loaded; convert them to safetensors)"
+                if pickled else "")
+        raise CheckpointError(f"{folder}: no *.safetensors weights{hint}")
+    return read_safetensors(files)
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Assign `tensors` to `module` when the names and every shape match its config, else CheckpointError
+    naming `source` (load_state_dict alone would fail with a traceback-sized RuntimeError)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -116,7 +151,6 @@ def load_prm(path: Path | str, device: str | torch.device = "cpu", dtype: torch.
     path = Path(path)
     manifest = verify_checkpoint(path)
     dtype = dtype or DTYPES[manifest.dtype]
-    import json
 
     config_file = path / "backbone" / "config.json"
     try:
@@ -127,18 +161,16 @@ def load_prm(path: Path | str, device: str | torch.device = "cpu", dtype: torch.
         backbone = build_backbone(config_dict, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{config_file}: cannot build the backbone ({exc})") from None
-    weights: dict[str, torch.Tensor] = {}
     weight_files = sorted(rel for rel in manifest.files if rel.startswith("backbone/") and rel.endswith(".safetensors"))
-    for rel in weight_files:
-        weights.update(_load_tensors(path / rel))
-    _assign(backbone, weights, path / (weight_files[0] if len(weight_files) == 1 else "backbone"))
+    weights = read_safetensors([path / rel for rel in weight_files])
+    load_weights(backbone, weights, path / (weight_files[0] if len(weight_files) == 1 else "backbone"))
     model = PRMModel(backbone, activation=manifest.value_head.activation)
     head_file = path / "value_head.safetensors"
-    head = _load_tensors(head_file)
+    head = read_safetensors([head_file])
     if manifest.value_head.in_features != model.hidden_size:
         raise CheckpointError(f"{path / 'manifest.json'}: value_head.in_features={manifest.value_head.in_features} "
                               f"but the backbone hidden size is {model.hidden_size}")
-    _assign(model.value_head, head, head_file)
+    load_weights(model.value_head, head, head_file)
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = load_tokenizer(path, manifest)
     return LoadedPRM(manifest=manifest, model=model, tokenizer=tokenizer, path=path)

@@ -1,4 +1,5 @@
-"""Segment-wise rendering of trajectories into token ids and readout positions (DESIGN §2).
+"""Segment-wise rendering of trajectories into token ids and readout positions (docs/ARCHITECTURE.md,
+"Rendering"). Shared byte for byte by training and serving, so it sits below both.
 
 Segments, in order: [task_prefix] task, [observation_prefix] o_0, [state_end], then for every step
 [action_prefix] a_t, [action_end], and [observation_prefix] o_{t+1} before the next action. A marker is
@@ -16,7 +17,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from model_store.manifest import Template
-from service.engine.types import Step, Trajectory
+
+
+@dataclass(frozen=True)
+class Step:
+    observation: str
+    action: str
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    task: str
+    steps: tuple[Step, ...]
 
 
 @dataclass(frozen=True)
