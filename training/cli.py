@@ -18,6 +18,7 @@ FACTORY(meta). User errors (bad data line, bad --init) print one line and exit 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import shlex
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 from training.defaults import DEFAULT_SIZE, METHODS
+from training.scale import StreamedData, add_scale_arguments, scale_config
 
 EXIT_USER_ERROR = 2
 
@@ -118,6 +120,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", default=None, help="also write per-step metrics as JSON lines here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true")
+    add_scale_arguments(p)
 
 
 def default_lr(init_source: str) -> float:
@@ -168,10 +171,21 @@ def run_train(args, command: str) -> dict:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     info = init_distributed(args.device, args.dist_init)
-    records = data_mod.load_jsonl(args.data)
-    train_records, val_records = data_mod.split_by_group(records, args.val_fraction, args.seed)
-    init = initialize(args.init, data_mod.corpus_text(records), args.max_seq_len,
-                      base_rate=data_mod.data_summary(train_records, args.success_above)["success_rate"],
+    streamed = None
+    if args.stream:
+        if args.method == "mc":
+            raise ValueError("--stream does not support --method mc (labelling reads every trajectory)")
+        streamed = StreamedData.open(args.data, args.val_fraction, args.seed)
+        needs_corpus = args.init is None or Path(args.init).is_file()  # a tokenizer is trained on the data
+        corpus = streamed.corpus() if needs_corpus else ""
+        base_rate = streamed.index.summary(streamed.train_indices, args.success_above)["success_rate"]
+        records = train_records = val_records = []
+    else:
+        records = data_mod.load_jsonl(args.data)
+        train_records, val_records = data_mod.split_by_group(records, args.val_fraction, args.seed)
+        corpus = data_mod.corpus_text(records)
+        base_rate = data_mod.data_summary(train_records, args.success_above)["success_rate"]
+    init = initialize(args.init, corpus, args.max_seq_len, base_rate=base_rate,
                       seed=args.seed, layers=args.layers, hidden=args.hidden, vocab=args.vocab)
     renderer = Renderer(init.tokenizer, init.template)
     labelling = {"env_steps": 0, "source": "recorded outcomes"}
@@ -189,11 +203,14 @@ def run_train(args, command: str) -> dict:
         val_labels = [by_id[id(r)] for r in val_records]
         labelling = {"env_steps": env_steps, "rollouts": rollouts, "rollouts_per_step": args.mc_rollouts,
                      "env": args.mc_env, "policy": args.mc_policy, "source": "monte-carlo rollouts"}
-    train_ex, skipped_train = make_examples(train_records, renderer, args.max_seq_len,
-                                            data_mod.initial_value_targets(train_records, args.gamma), train_labels)
-    val_ex, skipped_val = make_examples(val_records, renderer, args.max_seq_len,
-                                        data_mod.initial_value_targets(val_records, args.gamma), val_labels)
-    skipped = skipped_train + skipped_val
+    if streamed is not None:
+        train_ex, val_ex, skipped = streamed.examples(renderer, args.max_seq_len, args.gamma)
+    else:
+        train_ex, skipped_train = make_examples(train_records, renderer, args.max_seq_len,
+                                                data_mod.initial_value_targets(train_records, args.gamma), train_labels)
+        val_ex, skipped_val = make_examples(val_records, renderer, args.max_seq_len,
+                                            data_mod.initial_value_targets(val_records, args.gamma), val_labels)
+        skipped = skipped_train + skipped_val
     if skipped and info.main:
         print(f"agentprm: note: skipped {len(skipped)} trajectories longer than --max-seq-len {args.max_seq_len} "
               f"tokens (lines {', '.join(map(str, skipped[:10]))}{', ...' if len(skipped) > 10 else ''})",
@@ -211,20 +228,26 @@ def run_train(args, command: str) -> dict:
                          seed=args.seed, success_above=args.success_above, progress=not args.no_progress,
                          log_path=args.log)
     pad_id = init.model.backbone.config.pad_token_id or 0
-    trainer = Trainer(init.model, config, pad_id, _device(args.device, info.local_rank), info)
+    scale = scale_config(args, init.tokenizer, init.template)
+    trainer = Trainer(init.model, config, pad_id, _device(args.device, info.local_rank), info, scale)
     config.precision = trainer.precision  # the manifest records what ran ("auto" resolved on this machine)
     result = trainer.fit(train_ex, val_ex)
     summary = {"out": str(out), "method": args.method, "steps": result.steps,
                "tokens_per_s": round(result.tokens_per_s, 1), "val": result.best,
                "labelling_env_steps": labelling["env_steps"], "world_size": info.world}
-    if info.main:
-        data = {"path": str(args.data), "sha256": data_mod.file_sha256(args.data), "n_trajectories": len(records),
+    model = None if result.interrupted else trainer.export_model()  # a collective under FSDP
+    if result.interrupted:
+        summary["interrupted"] = str(scale.checkpoint_dir)
+    elif info.main:
+        summary_fields = streamed.index.summary(None, args.success_above) if streamed is not None else \
+            data_mod.data_summary(records, args.success_above)
+        data = {"path": str(args.data), "sha256": data_mod.file_sha256(args.data),
+                "n_trajectories": summary_fields["n_trajectories"],
                 "n_train": len(train_ex), "n_val": len(val_ex), "skipped_lines": skipped,
-                **{k: v for k, v in data_mod.data_summary(records, args.success_above).items()
-                   if k != "n_trajectories"}}
+                **{k: v for k, v in summary_fields.items() if k != "n_trajectories"}}
         training = training_info(config, result, data, labelling, command, init.source)
-        training = training.model_copy(update={"world_size": info.world})
-        manifest = export_checkpoint(out, trainer.model, init.tokenizer, init.template,
+        training = training.model_copy(update={"world_size": info.world, "scale": dataclasses.asdict(scale)})
+        manifest = export_checkpoint(out, model, init.tokenizer, init.template,
                                      name=args.name or default_name(args.method), version=args.version,
                                      max_seq_len=args.max_seq_len, training=training, overwrite=args.overwrite)
         summary["ref"] = manifest.ref
@@ -255,6 +278,10 @@ def cmd_train(args, argv: list[str] | None = None) -> int:
     except (DataError, InitError, CheckpointError, FileExistsError, ValueError) as exc:
         print(f"agentprm: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    if "interrupted" in summary:
+        print(f"stopped after {summary['steps']} steps (--stop-after); continue with --resume "
+              f"--checkpoint-dir {summary['interrupted']}")
+        print(json.dumps(_json_safe(summary), default=str))
     if "ref" in summary:
         val = summary["val"]
         metrics = ", ".join(f"val {k} {val[k]:.4f}" for k in ("auc", "brier", "loss") if isinstance(val.get(k), float))

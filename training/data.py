@@ -110,24 +110,42 @@ def parse_record(obj, where: str, line: int = 0) -> Record:
     return Record(task, tuple(parsed), float(reward), meta, line, extra)
 
 
-def load_jsonl(path: Path | str, limit: int | None = None) -> list[Record]:
-    """Every trajectory of a JSONL file, validated. Raises DataError naming the file and line."""
+def data_files(path: Path | str) -> list[Path]:
+    """A JSONL file, or the *.jsonl shards of a directory in name order."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        if not files:
+            raise DataError(f"{path}: a directory without *.jsonl shards")
+        return files
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    return [path]
+
+
+def parse_line(line: str | bytes, where: str, line_no: int) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text ({exc.reason})") from None
+    return parse_record(obj, where, line_no)
+
+
+def load_jsonl(path: Path | str, limit: int | None = None) -> list[Record]:
+    """Every trajectory of a JSONL file (or a directory of shards), validated. Raises DataError naming the file
+    and line."""
+    path = Path(path)
     records: list[Record] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            records.append(parse_record(obj, where, line_no))
-            if limit is not None and len(records) >= limit:
-                break
+    for file in data_files(path):
+        with open(file, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                records.append(parse_line(line, f"{file}:{line_no}", line_no))
+                if limit is not None and len(records) >= limit:
+                    return records
     if not records:
         raise DataError(f"{path}: no trajectories (the file is empty)")
     return records
@@ -143,10 +161,12 @@ def write_jsonl(records: list[Record] | list[dict], path: Path | str) -> Path:
 
 
 def file_sha256(path: Path | str) -> str:
+    """sha256 of a file, or of a directory's shards concatenated in name order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
+    for file in data_files(path):
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -161,6 +181,18 @@ def initial_value_targets(records: list[Record], gamma: float = 1.0) -> list[flo
     return [totals[r.group_key()][0] / totals[r.group_key()][1] for r in records]
 
 
+def validation_groups(keys: set[tuple], val_fraction: float, seed: int = 0) -> set[tuple]:
+    """The initial-state groups held out for validation (see split_by_group); deterministic for a seed."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    keys = sorted(keys, key=repr)
+    if val_fraction == 0.0 or len(keys) < 2:
+        return set()
+    random.Random(seed).shuffle(keys)
+    n_val = min(len(keys) - 1, max(1, round(val_fraction * len(keys))))
+    return set(keys[:n_val])
+
+
 def split_by_group(records: list[Record], val_fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
     """(train, validation): whole initial-state groups go to one side; deterministic for a seed.
 
@@ -169,12 +201,7 @@ def split_by_group(records: list[Record], val_fraction: float, seed: int = 0) ->
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    keys = sorted({r.group_key() for r in records}, key=repr)
-    if val_fraction == 0.0 or len(keys) < 2:
-        return list(records), []
-    random.Random(seed).shuffle(keys)
-    n_val = min(len(keys) - 1, max(1, round(val_fraction * len(keys))))
-    val_keys = set(keys[:n_val])
+    val_keys = validation_groups({r.group_key() for r in records}, val_fraction, seed)
     train = [r for r in records if r.group_key() not in val_keys]
     val = [r for r in records if r.group_key() in val_keys]
     return train, val

@@ -25,11 +25,17 @@ validation set (identical results, identical stopping decisions).
 Precision (`precision`, training.precision): fp32, or fp32 weights with bf16 autocast for the backbone's
 matmuls ("auto": on a GPU, and on a CPU whose bf16 matmuls measure faster than fp32); the value head's
 output, the targets and the loss stay fp32. Seeds: python, numpy, torch.
+
+At scale (`ScaleConfig`, training/sharding.py): FSDP2 shards instead of DDP replicas (bf16 precision: the
+decoder layers compute in bf16), LoRA adapters (training/lora.py), activation checkpointing, token-budget
+global batches (training/streaming.py), training checkpoints and exact resume (training/checkpointing.py).
+`train` may be any sequence of examples, such as the lazily rendered `streaming.StreamingExamples`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +52,10 @@ from model_store.render import Renderer
 from training.data import Record
 from training.losses import batch_loss_terms, term_counts
 from training.precision import resolve_precision
+from training.sharding import ScaleConfig
+
+
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 
 
 # -- configuration and data ----------------------------------------------------------------------------------
@@ -236,6 +246,7 @@ class TrainResult:
     stopped_early: bool = False
     tokens: int = 0
     train_seconds: float = 0.0
+    interrupted: bool = False  # stopped by ScaleConfig.stop_after, to be resumed
 
     @property
     def tokens_per_s(self) -> float:
@@ -244,16 +255,29 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, model: PRMModel, config: TrainConfig, pad_id: int, device: torch.device | str = "cpu",
-                 dist_info: DistInfo = DistInfo()):
+                 dist_info: DistInfo = DistInfo(), scale: ScaleConfig | None = None):
+        from training import sharding
+
         self.config = config
         self.info = dist_info
         self.device = torch.device(device)
         self.pad_id = pad_id
-        self.model = model.to(self.device)  # the plain module (evaluation, export)
+        self.scale = scale or ScaleConfig()
+        self.scale.check()
+        if self.scale.lora_rank:
+            from training.lora import add_lora
+
+            add_lora(model, self.scale.lora_rank, self.scale.lora_alpha, trainable_token_ids=self.scale.lora_token_ids)
+        if self.scale.activation_checkpointing:
+            sharding.apply_activation_checkpointing(model)
+        self.model = model.to(self.device)  # the module evaluated and exported (sharded in place under FSDP)
         # every process computes in rank 0's choice ("auto" times a matmul; ranks must not disagree)
         self.precision = broadcast_object(resolve_precision(config.precision, self.device), dist_info)
         self.ddp: nn.Module = self.model
-        if dist_info.enabled:
+        self.sharded = dist_info.enabled and self.scale.parallel == "fsdp"
+        if self.sharded:
+            sharding.shard_model(self.model, self.precision)
+        elif dist_info.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -334,16 +358,73 @@ class Trainer:
         full, rest = divmod(n_train, self.config.batch_size)
         return full + (1 if rest >= self.info.world else 0)
 
+    def epoch_batches(self, train, epoch: int) -> list[list[int]]:
+        """The global batches (indices into `train`) of one epoch: a permutation seeded by (seed, epoch), cut
+        every `batch_size` trajectories, or by `batch_tokens` real tokens when that is set."""
+        from training.streaming import plan_batches
+
+        lengths = train.lengths if hasattr(train, "lengths") else [len(e.ids) for e in train]
+        return plan_batches(lengths, self.config.batch_size, self.scale.batch_tokens, self.config.seed, epoch,
+                            self.info.world)
+
+    def _accumulating(self, sync: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+        if sync or not self.info.enabled:
+            return contextlib.nullcontext()
+        if self.sharded:
+            return _fsdp_no_sync(self.model)
+        return self.ddp.no_sync()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the weights training changes (all of them, or a LoRA run's adapters and head)."""
+        self.reshard()
+        # state_dict names (activation checkpointing's wrappers hide their prefix there, not in named_parameters)
+        return {n.replace(CHECKPOINT_PREFIX, ""): _local(p).detach().to("cpu", copy=True)  # FSDP: this rank's shard
+                for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def reshard(self) -> None:
+        """FSDP: free gathered weights, so the registered parameters are the shards again. A forward without a
+        backward (evaluation) leaves the root group gathered; reading or writing weights then would touch
+        the gathered copy instead of the shards."""
+        if self.sharded:
+            for module in self.model.modules():
+                if hasattr(module, "reshard"):
+                    module.reshard()
+
+    def export_model(self) -> PRMModel | None:
+        """The trained PRM as a plain module (shards gathered, adapters merged, no checkpoint wrappers) on the
+        main process, None on the others. A collective under FSDP: every process must call it."""
+        from training import sharding
+        from training.lora import merge_lora
+
+        self.reshard()
+        if self.sharded:
+            from training.backbone import build_backbone
+
+            state = sharding.full_state_dict(self.model, sharded=True)
+            if not self.info.main:
+                return None
+            config = self.model.backbone.config.to_dict()
+            plain = PRMModel(build_backbone(config), activation=self.model.activation)
+            plain.load_state_dict(state, strict=True)
+            return plain
+        if not self.info.main:
+            return None
+        return merge_lora(sharding.remove_activation_checkpointing(self.model)).to("cpu")
+
     def _step(self, global_batch: list[Example], optimizer, scheduler) -> dict:
         c, info = self.config, self.info
         mask = collate(global_batch, self.pad_id).readout_mask
         q_total, a_total = term_counts(c.method, mask)
         local = global_batch[info.rank:: info.world]
         groups = micro_batches(local, c.max_batch_tokens)
+        real = len(groups)
+        if self.sharded:  # every forward gathers weights collectively: all processes must run as many
+            groups += [groups[0][:1]] * (_max_over_processes(len(groups)) - len(groups))  # weighted 0 below
         sums = torch.zeros(3, dtype=torch.float64)  # q_sum, a_sum, tokens of this process
         for j, group in enumerate(groups):
             sync = j == len(groups) - 1 or not info.enabled
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+            with self._accumulating(sync):
                 batch = collate(group, self.pad_id).to(self.device)
                 with self.autocast():
                     flat = self.ddp(batch.ids, None, batch.flat_index)  # [N]
@@ -354,10 +435,11 @@ class Trainer:
                 loss = terms.q_sum / q_total
                 if a_total:
                     loss = loss + c.beta * terms.a_sum / a_total
-                (loss * info.world).backward()
-            sums += torch.tensor([terms.q_sum.item(), terms.a_sum.item(), batch.tokens], dtype=torch.float64)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)) \
-            if c.grad_clip > 0 else float("nan")
+                (loss * (info.world if j < real else 0.0)).backward()
+            if j < real:
+                sums += torch.tensor([terms.q_sum.item(), terms.a_sum.item(), batch.tokens], dtype=torch.float64)
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], c.grad_clip))) if c.grad_clip > 0 else float("nan")
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -371,7 +453,7 @@ class Trainer:
         loss = l_q + c.beta * l_a if c.method == "agentprm" else l_q
         return {"loss": loss, "l_q": l_q, "l_a": l_a, "lr": lr, "grad_norm": grad_norm, "tokens": int(sums[2])}
 
-    def fit(self, train: list[Example], val: list[Example]) -> TrainResult:
+    def fit(self, train, val: list[Example]) -> TrainResult:
         from tqdm import tqdm
 
         c, info = self.config, self.info
@@ -380,19 +462,32 @@ class Trainer:
         if c.method == "mc" and train[0].labels is None:
             raise ValueError("method 'mc' needs Monte-Carlo labels on the examples")
         set_seed(c.seed)
-        per_epoch = self.steps_per_epoch(len(train))
-        total = per_epoch * c.epochs if c.max_steps is None else min(per_epoch * c.epochs, c.max_steps)
+        plans = [self.epoch_batches(train, epoch) for epoch in range(c.epochs)]
+        total = sum(map(len, plans)) if c.max_steps is None else min(sum(map(len, plans)), c.max_steps)
         optimizer = self._optimizer()
         scheduler = self._schedule(optimizer, total)
         result = TrainResult()
-        best_score, best_state, bad_evals = math.inf, None, 0
+        track = {"best_score": math.inf, "bad_evals": 0}  # early stopping (saved in training checkpoints)
+        best_state: dict | None = None
+        checkpointer = self._checkpointer()
+        start_epoch = start_batch = 0
+        if self.scale.resume:
+            saved, best_state = checkpointer.load(self.model, optimizer, self._fingerprint(len(train)))
+            scheduler.load_state_dict(saved["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+            start_epoch, start_batch = saved["epoch"], saved["batch"]
+            track = saved["track"]
+            track["best_score"] = math.inf if track["best_score"] is None else track["best_score"]
+            result = TrainResult(**saved["result"])
         log = open(c.log_path, "a") if (c.log_path and info.main) else None
-        bar = tqdm(total=total, desc=f"train {c.method}", unit="step", disable=not (c.progress and info.main))
+        bar = tqdm(total=total, initial=result.steps, desc=f"train {c.method}", unit="step",
+                   disable=not (c.progress and info.main))
         self.model.train()
 
         def run_eval(epoch: int) -> bool:
             """Evaluate, keep the best weights; True when training should stop."""
-            nonlocal best_score, best_state, bad_evals
+            nonlocal best_state
             metrics = self.evaluate(val)
             entry = {"step": result.steps, "epoch": epoch, **{f"val_{k}": v for k, v in metrics.items()}}
             result.evals.append(entry)
@@ -402,30 +497,41 @@ class Trainer:
             if c.progress and info.main:
                 bar.write(f"step {result.steps} epoch {epoch}: val loss {metrics['loss']:.4f} "
                           f"auc {metrics['auc']:.3f} brier {metrics['brier']:.4f}")
-            if metrics["brier"] < best_score - 1e-6:
-                best_score, bad_evals = metrics["brier"], 0
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            if metrics["brier"] < track["best_score"] - 1e-6:
+                track.update(best_score=metrics["brier"], bad_evals=0)
+                best_state = self.trainable_state()
                 result.best = {**metrics, "step": result.steps}
                 return False
-            bad_evals += 1
+            track["bad_evals"] += 1
             # A small model often sits on a plateau (promises at the base rate) before it finds the signal;
             # stopping there would keep the plateau's weights, so patience only counts after a share of the run.
-            return bad_evals >= c.patience and result.steps >= c.min_train_fraction * total
+            return track["bad_evals"] >= c.patience and result.steps >= c.min_train_fraction * total
+
+        def save_checkpoint(epoch: int, next_batch: int) -> None:
+            self.reshard()
+            if next_batch >= len(plans[epoch]):  # the epoch is done: resume at the next one
+                epoch, next_batch = epoch + 1, 0
+            checkpointer.save(result.steps, self.model, optimizer, {
+                "epoch": epoch, "batch": next_batch, "scheduler": scheduler.state_dict(),
+                "track": {**track, "best_score": None if math.isinf(track["best_score"]) else track["best_score"]},
+                "result": dataclasses.asdict(result), "fingerprint": self._fingerprint(len(train))}, best_state)
 
         try:
             stop = False
-            for epoch in range(c.epochs):
+            steps_this_run = 0
+            for epoch in range(start_epoch, c.epochs):
                 if stop or result.steps >= total:
                     break
-                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(c.seed * 1000 + epoch))
-                for start in range(0, len(train), c.batch_size):
-                    indices = order[start: start + c.batch_size].tolist()
-                    if len(indices) < info.world or result.steps >= total:
+                for b, indices in enumerate(plans[epoch]):
+                    if epoch == start_epoch and b < start_batch:
+                        continue  # done before the run was resumed
+                    if result.steps >= total:
                         break
                     began = time.perf_counter()
                     stats = self._step([train[i] for i in indices], optimizer, scheduler)
                     elapsed = time.perf_counter() - began
                     result.steps += 1
+                    steps_this_run += 1
                     result.tokens += stats["tokens"]
                     result.train_seconds += elapsed
                     entry = {"step": result.steps, "epoch": epoch, **stats, "tokens_per_s": stats["tokens"] / elapsed}
@@ -443,9 +549,18 @@ class Trainer:
                         stop = run_eval(epoch)
                         if stop:
                             break
+                    if val and not c.eval_every and b == len(plans[epoch]) - 1:
+                        stop = run_eval(epoch)  # end of epoch, before a checkpoint that resumes past it
+                    interrupted = self.scale.stop_after is not None and steps_this_run >= self.scale.stop_after
+                    if checkpointer and ((self.scale.checkpoint_every and
+                                          result.steps % self.scale.checkpoint_every == 0) or interrupted):
+                        save_checkpoint(epoch, b + 1)
+                    if interrupted and result.steps < total and not stop:
+                        result.interrupted = True
+                        return result
+                    if stop:
+                        break
                 result.epochs_run = epoch + 1
-                if val and not stop and not c.eval_every:
-                    stop = run_eval(epoch)
             if val and (not result.evals or result.evals[-1]["step"] != result.steps):
                 run_eval(result.epochs_run - 1)
             result.stopped_early = stop
@@ -454,8 +569,55 @@ class Trainer:
             if log:
                 log.close()
         if best_state is not None:
-            self.model.load_state_dict(best_state)
+            self._load_trainable(best_state)
         elif not val:
             result.best = {}
         return result
 
+    def _checkpointer(self):
+        if not self.scale.checkpoint_dir:
+            return None
+        from training.checkpointing import Checkpointer
+
+        return Checkpointer(self.scale.checkpoint_dir, self.scale.checkpoint_every, self.info.rank, self.info.world)
+
+    def _fingerprint(self, n_train: int) -> dict:
+        """What must match for a resume to continue the same run."""
+        return {"world_size": self.info.world, "parallel": self.scale.parallel if self.info.enabled else "none",
+                "lora_rank": self.scale.lora_rank, "n_train": n_train, "batch_tokens": self.scale.batch_tokens,
+                "config": {k: v for k, v in dataclasses.asdict(self.config).items()
+                           if k not in ("progress", "log_path")}}
+
+    def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        self.reshard()
+        params = {n.replace(CHECKPOINT_PREFIX, ""): p for n, p in self.model.named_parameters()}
+        with torch.no_grad():
+            for name, value in state.items():
+                _local(params[name]).copy_(_local(value))  # FSDP: this rank's shard
+
+
+def _max_over_processes(value: int) -> int:
+    import torch.distributed as dist
+
+    box = torch.tensor([value])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box)
+
+
+def _local(value: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: the shard of a DTensor (FSDP), the tensor itself otherwise."""
+    return value.to_local() if hasattr(value, "to_local") else value
+
+
+def _full(value):
+    """A plain tensor from a DTensor (FSDP's gradient norm), unchanged otherwise."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
