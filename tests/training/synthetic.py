@@ -67,16 +67,21 @@ def make_env(meta: dict | None = None) -> ForkEnv:
     return ForkEnv()
 
 
-def make_dataset(n_seeds: int, samples: int = 4, first_seed: int = 0) -> list[dict]:
-    """`samples` random-policy walks from each of `n_seeds` initial states, with meta.fork (the deciding step)."""
-    env = ForkEnv()
+def random_episodes(env: TextEnv, n_seeds: int, samples: int, first_seed: int, deciding_step) -> list[dict]:
+    """`samples` random-policy episodes of `env` from each of `n_seeds` initial states; meta gets the
+    `deciding_step(env)` fields of each (where its outcome is decided)."""
     rows = []
     for seed in range(first_seed, first_seed + n_seeds):
         for j in range(samples):
             row = run_episode(env, RandomPolicy(seed=j), seed)
-            row["meta"]["fork"] = env.fork
+            row["meta"].update(deciding_step(env))
             rows.append(row)
     return rows
+
+
+def make_dataset(n_seeds: int, samples: int = 4, first_seed: int = 0) -> list[dict]:
+    """`samples` random-policy walks from each of `n_seeds` initial states, with meta.fork (the deciding step)."""
+    return random_episodes(ForkEnv(), n_seeds, samples, first_seed, lambda env: {"fork": env.fork})
 
 
 COLOURS = ("red", "green", "blue", "purple", "yellow", "grey")
@@ -137,14 +142,7 @@ class DoorEnv(TextEnv):
 
 def make_door_dataset(n_seeds: int, samples: int = 2, first_seed: int = 0) -> list[dict]:
     """`samples` random-policy episodes of `DoorEnv` from each of `n_seeds` initial states (success ~1/3)."""
-    env = DoorEnv()
-    rows = []
-    for seed in range(first_seed, first_seed + n_seeds):
-        for j in range(samples):
-            row = run_episode(env, RandomPolicy(seed=j), seed)
-            row["meta"]["choice_step"] = env.corridor
-            rows.append(row)
-    return rows
+    return random_episodes(DoorEnv(), n_seeds, samples, first_seed, lambda env: {"choice_step": env.corridor})
 
 
 def evaluate_checkpoint(path, n_seeds: int = 100, samples: int = 2, first_seed: int = 50_000) -> dict:
