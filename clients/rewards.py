@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from clients.sdk import AsyncPRMClient, PRMClient, RewardResponse
+from service.api.text_steps import aggregate_reward
 
 CHUNK = 64  # samples per request: well under the server's --max-trajectories (256 by default)
 TIMEOUT_S = 180.0  # what OpenRLHF waits for a remote reward model; RL steps tolerate slow rewards, not lost ones
@@ -72,17 +73,9 @@ def _async_client(settings: RewardSettings) -> AsyncPRMClient:
 
 
 def aggregate_steps(promises: Sequence[float], progress: Sequence[float], aggregate: str | None) -> float:
-    """The reward rules of /v1/reward, for conversational samples scored through /v1/score."""
-    if not promises:
-        return 0.0
-    aggregate = aggregate or "last"
-    if aggregate == "last":
-        return float(promises[-1])
-    if aggregate == "min":
-        return float(min(promises))
-    if aggregate == "sum_progress":
-        return float(sum(progress))
-    raise ValueError(f"aggregate must be last, min or sum_progress, not {aggregate!r}")
+    """The reward rules of /v1/reward (the server's own function), for conversational samples scored
+    through /v1/score; `aggregate` None means the route's default, `last`."""
+    return aggregate_reward(promises, progress, aggregate or "last")
 
 
 def _chunks(n: int):
