@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from clients import PRMClient
 from clients.search import beam_search, best_of_n
+from envs.base import StepOutcome
 from tests.clients.test_sdk import RecordingTransport
-
-
-@dataclass
-class Outcome:
-    observation: str
-    reward: float
-    done: bool
-    success: bool
 
 
 class Corridor:
@@ -32,13 +23,13 @@ class Corridor:
     def _obs(self) -> str:
         return f"The end of the corridor is {3 - self.pos} steps ahead."
 
-    def step(self, action: str) -> Outcome:
+    def step(self, action: str) -> StepOutcome:
         self.t += 1
         if action == "move forward":
             self.pos += 1
         success = self.pos >= 3
         done = success or self.t >= self.max_steps
-        return Outcome(self._obs(), 1.0 if success else 0.0, done, success)
+        return StepOutcome(self._obs(), 1.0 if success else 0.0, done, success)
 
     def replay(self, seed: int, actions: list[str]) -> str:
         obs = self.reset(seed)

@@ -22,8 +22,6 @@ SHIPPED = REPO / "model_store" / "checkpoints" / "agentprm-babyai-small" / "1"
 
 @pytest.fixture(scope="module")
 def shipped_server():
-    if not (SHIPPED / "manifest.json").exists():
-        pytest.skip(f"the shipped checkpoint {SHIPPED} is missing (run `make default-checkpoint`)")
     engine = PRMEngine.from_checkpoint(SHIPPED, EngineConfig(device="cpu"))
     with ThreadedServer(create_app(engine)) as server:
         yield server.url

@@ -24,9 +24,11 @@ import httpx
 import pytest
 
 from clients import PRMClient
+from envs.base import StepOutcome
 from clients.search import beam_search
 from tests.conftest import REPO, start_server, stop_server
 from tests.reliability.nginx_failover import Nginx, nginx_binary
+from tests.reliability.test_failover import CountingTransport
 
 pytestmark = pytest.mark.skipif(nginx_binary() is None,
                                 reason="nginx is not installed (apt-get install -y nginx; make install-nginx)")
@@ -36,14 +38,6 @@ REPLICAS, AGENTS, STEPS, BEAM_WIDTH, CANDIDATES = 3, 6, 10, 2, 3
 COLORS = ("red", "green", "blue", "purple", "yellow", "grey")
 OBJECTS = ("ball", "box", "key")
 ACTIONS = ("move forward", "turn left", "turn right", "pick up", "toggle", "drop")
-
-
-@dataclass
-class Outcome:
-    observation: str
-    reward: float
-    done: bool
-    success: bool
 
 
 class Room:
@@ -65,10 +59,10 @@ class Room:
         self.seed, self.t, self.actions = seed, 0, []
         return self._observation()
 
-    def step(self, action: str) -> Outcome:
+    def step(self, action: str) -> StepOutcome:
         self.t += 1
         self.actions.append(action)
-        return Outcome(self._observation(), 0.0, self.t >= STEPS, False)
+        return StepOutcome(self._observation(), 0.0, self.t >= STEPS, False)
 
     def replay(self, seed: int, actions: list[str]) -> str:
         observation = self.reset(seed)
@@ -94,20 +88,13 @@ class Call:
     after_kill: bool
 
 
-class WhereTransport(httpx.HTTPTransport):
-    """Remembers the X-Upstream of the last response (the replica nginx used) and what came back on the wire."""
+class WhereTransport(CountingTransport):
+    """Counts what came back on the wire and remembers the X-Upstream of the last response (the replica nginx used)."""
 
-    def __init__(self, seen: collections.Counter):
-        super().__init__()
-        self.seen, self.upstream = seen, ""
+    upstream = ""
 
     def handle_request(self, request):
-        try:
-            response = super().handle_request(request)
-        except httpx.TransportError as exc:
-            self.seen[type(exc).__name__] += 1
-            raise
-        self.seen[response.status_code] += 1
+        response = super().handle_request(request)
         # On a retried connect nginx lists every address tried ("a, b"): the last one answered.
         self.upstream = response.headers.get("x-upstream", "direct").split(",")[-1].strip()
         return response
