@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from clients import PRMClient
-from envs.base import StepOutcome
 from clients.search import beam_search
+from envs.base import StepOutcome
 from tests.conftest import REPO, start_server, stop_server
 from tests.reliability.nginx_failover import Nginx, nginx_binary
 from tests.reliability.test_failover import CountingTransport
