@@ -79,7 +79,8 @@ def machine_info() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = "not installed"
-    vllm = sorted((REPO_ROOT / ".venv-vllm").glob("lib/python3*/site-packages/vllm*.dist-info"))
+    from bench.vllm_peer import VENV_DIR
+    vllm = sorted(VENV_DIR.glob("lib/python3*/site-packages/vllm*.dist-info"))
     versions["vllm"] = vllm[0].name.removesuffix(".dist-info").split("-", 1)[1] if vllm else "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_kib / 2**20, "python": platform.python_version(),
             "load_start": os.getloadavg()[0], **versions}

@@ -52,7 +52,8 @@ from pathlib import Path
 from clients.local_server import ServerProcess, ServerStartError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_DIR = REPO_ROOT / ".venv-vllm"
+# AGENTPRM_VLLM_VENV points at a vLLM environment elsewhere (e.g. one shared by several checkouts).
+VENV_DIR = Path(os.environ.get("AGENTPRM_VLLM_VENV") or REPO_ROOT / ".venv-vllm")
 SETUP_SCRIPT = REPO_ROOT / "bench" / "vllm_setup.sh"
 WORKER = REPO_ROOT / "bench" / "vllm_worker.py"
 META_FILE = "agentprm_vllm.json"
