@@ -25,7 +25,10 @@ How a pass runs in a graph:
 
 Off on the CPU: constructing it for a non-CUDA device (or without CUDA) gives a disabled runner whose
 `maybe_run` always returns None. `emulate=True` runs the same static-buffer path eagerly without capture
-(a testing aid, so the bucketing, padding and remapping are tested on the CPU). A capture that fails
+(a testing aid, so the bucketing, padding and remapping are tested on the CPU). The emulation keeps graph
+semantics: each bucket's outputs (promises and KV) live in buffers allocated once and overwritten by every
+later run of that bucket, so a caller that holds a view across calls fails a CPU test as it would fail on
+a GPU. A capture that fails
 (an op that cannot be captured) disables the runner with a logged warning: the service stays eager.
 """
 
@@ -208,6 +211,21 @@ class GraphRunner:
         log.info("cuda graphs: bucket %s (readouts %d) captured in %.3f s, pool %.1f MiB",
                  bucket, stats.readouts, stats.seconds, stats.pool_bytes / 2**20)
 
+    def _emulate_replay(self, static: _Graph) -> None:
+        """Run the pass eagerly and write its outputs into the bucket's static buffers, allocated on the first
+        run and reused by every later one, as a replay overwrites the memory its capture assigned. A caller
+        that keeps a view of the outputs past the next call on this runner sees them change, on the CPU too."""
+        out, kv = self._step(static.ids, static.index)
+        if static.out is None:
+            static.out = out.clone()  # [R]
+            static.kv = None if kv is None else [(k.clone(), v.clone()) for k, v in kv]
+            return
+        static.out.copy_(out)
+        if kv is not None:
+            for (k_static, v_static), (k, v) in zip(static.kv, kv):
+                k_static.copy_(k)
+                v_static.copy_(v)
+
     # -- replay -----------------------------------------------------------------------------------------
     def maybe_run(self, input_ids: torch.Tensor, flat_index) -> torch.Tensor | None:
         """Promises [N] from a graph replay, or None (disabled, no bucket fits, too many readouts)."""
@@ -244,8 +262,8 @@ class GraphRunner:
             static.index[:n].copy_(index)
             if static.graph is not None:
                 static.graph.replay()
-            else:  # emulation: the same buffers, run eagerly
-                static.out, static.kv = self._step(static.ids, static.index)
+            else:
+                self._emulate_replay(static)
             self.replays += 1
             promises = static.out[:n].clone()  # the next replay overwrites static.out
             kv = None
