@@ -24,6 +24,7 @@ from model_store.manifest import Manifest
 from model_store.store import PICKLE_SUFFIXES, CheckpointError, verify_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD_DTYPE = torch.float32  # the value head, whatever the backbone's dtype
 
 
 def pick_device(device: str) -> torch.device:
@@ -57,8 +58,20 @@ class PRMModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1, dtype=next(backbone.parameters()).dtype)
+        self.value_head = nn.Linear(hidden, 1, dtype=HEAD_DTYPE, device=next(backbone.parameters()).device)
         self.activation = activation
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.half()`, `.bfloat16()` cast the backbone only: the head stays fp32 with its exact values
+        # (DESIGN.md, section 6), so serving reads the logits training produced (a bf16 head moves them ~1e-3).
+        # The head follows device moves; its few weights are restored after a cast rounded them.
+        exact = {name: p.detach().clone() for name, p in self.value_head.named_parameters()}
+        super()._apply(fn, recurse)
+        self.value_head.to(dtype=HEAD_DTYPE)
+        with torch.no_grad():
+            for name, p in self.value_head.named_parameters():
+                p.copy_(exact[name])
+        return self
 
     @property
     def hidden_size(self) -> int:
