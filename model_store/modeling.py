@@ -12,6 +12,7 @@ This module imports nothing from service/ or training/ (docs/ARCHITECTURE.md, "L
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +24,40 @@ from model_store.kernels import value_head_readout
 from model_store.manifest import Manifest
 from model_store.store import PICKLE_SUFFIXES, CheckpointError, verify_checkpoint
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD_DTYPE = torch.float32  # the value head, whatever the backbone's dtype
 
 
+def nvidia_driver_present() -> bool:
+    """An NVIDIA kernel driver is loaded on this host (or passed into this container)."""
+    return Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+
+
 def pick_device(device: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; an explicit cuda device without CUDA is a clear error."""
+    """`auto` -> cuda when available, else cpu; an explicit cuda device without CUDA is a clear error. `auto`
+    on a host with an NVIDIA driver that torch cannot use (a driver older than this torch's CUDA needs) falls
+    back to the CPU with an error-level log line: serving a GPU model on the CPU is 100x slower, never silent."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.version.cuda and nvidia_driver_present():
+            log.error("device auto: an NVIDIA driver is present but torch (CUDA %s) cannot use it, SERVING ON THE "
+                      "CPU; this torch needs a driver for CUDA %s (>= 580 for CUDA 13): update the driver, or pass "
+                      "--device cuda to fail instead", torch.version.cuda, torch.version.cuda)
+        return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return torch.device(device)
+
+
+def activate_device(device: torch.device) -> None:
+    """Make `device` the current CUDA device. Graph capture, Triton launches and tensors made without an
+    explicit device use the current device, which stays cuda:0 unless set: `--device cuda:1` would capture
+    and launch on the wrong GPU. A no-op off CUDA."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

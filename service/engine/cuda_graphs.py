@@ -124,6 +124,17 @@ class GraphRunner:
             self._build()
 
     @property
+    def _causal_only(self) -> dict | None:
+        """The per-layer-type mask mapping transformers accepts in place of a mask: None for every full-attention
+        layer, so SDPA runs with is_causal=True (FlashAttention) inside the graph as it does eagerly. Left to
+        transformers, a capture counts as tracing in some releases and materialises a [B, 1, T, T] mask (another
+        kernel, other rounding than eager). None (transformers decides) for models with other layer types."""
+        types = getattr(getattr(self.model.backbone, "config", None), "layer_types", None)
+        if not types or any(t != "full_attention" for t in types):
+            return None
+        return {"full_attention": None}
+
+    @property
     def enabled(self) -> bool:
         return self.disabled_reason is None
 
@@ -144,12 +155,13 @@ class GraphRunner:
 
     # -- the captured pass ----------------------------------------------------------------------------
     def _step(self, ids: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, KV | None]:
+        mask = self._causal_only
         if not self.with_kv:
-            hidden, _ = self.model.hidden_states(ids)  # [B, T, H]
+            hidden, _ = self.model.hidden_states(ids, attention_mask=mask)  # [B, T, H]
             return self.model.readout(hidden, index), None  # [R]
         from transformers import DynamicCache
 
-        hidden, cache = self.model.hidden_states(ids, past_key_values=DynamicCache())  # [B, T, H]
+        hidden, cache = self.model.hidden_states(ids, attention_mask=mask, past_key_values=DynamicCache())  # [B, T, H]
         return self.model.readout(hidden, index), [(layer.keys, layer.values) for layer in cache.layers]
 
     def eager(self, input_ids: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
@@ -168,7 +180,8 @@ class GraphRunner:
         start_reserved = torch.cuda.memory_reserved(self.device)
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
+            # Captures, side streams and the pool belong to self.device, not to whatever device is current.
+            with torch.inference_mode(), torch.cuda.device(self.device):
                 for bucket in order:
                     self._capture(bucket, pool, start_reserved)
         except Exception as exc:  # eager stays correct; a capture failure must not take the service down
@@ -261,7 +274,8 @@ class GraphRunner:
             static.ids[:batch, :length].copy_(input_ids)
             static.index[:n].copy_(index)
             if static.graph is not None:
-                static.graph.replay()
+                with torch.cuda.device(self.device):
+                    static.graph.replay()
             else:
                 self._emulate_replay(static)
             self.replays += 1

@@ -1,5 +1,7 @@
 """Start-up work on the serving device, done once before the first request (service.engine.engine calls it).
 
+- `--device cuda:N`: makes N the current CUDA device, so graph capture, Triton launches and tensors made
+  without an explicit device go to N, not to device 0 (model_store.modeling.activate_device).
 - the value-head kernel: probe-compiles Triton (model_store.kernels.probe_triton) and falls back to torch
   with a warning when it cannot build (an image without a C compiler or Python headers); when Triton stays,
   compiles the variants live requests need (warm_triton), so no request pays a compile.
@@ -16,6 +18,7 @@ import time
 import torch
 
 from model_store import kernels
+from model_store.modeling import activate_device
 
 log = logging.getLogger("agentprm.engine")
 
@@ -25,7 +28,8 @@ CACHE_SHARE_OF_FREE = 0.4
 
 
 def prepare_kernels(model, device: torch.device) -> str:
-    """Probe and warm the value-head kernel; returns the kernel in use."""
+    """Make `device` current, then probe and warm the value-head kernel; returns the kernel in use."""
+    activate_device(device)
     dtype = next(model.backbone.parameters()).dtype
     kernel = kernels.probe_triton(device, model.hidden_size, dtype)
     if kernel == "triton" and device.type == "cuda":
