@@ -11,6 +11,7 @@ This module imports nothing from service/ or training/ (docs/ARCHITECTURE.md, "L
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -65,8 +66,28 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def build_backbone(config_dict: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A randomly initialised transformers base model (no LM head) from a config dict."""
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters registered inside go to the meta device: shapes without memory (gpt-fast's meta build).
+    Buffers stay real: non-persistent ones (RoPE's inv_freq) are computed in __init__ and not in checkpoints.
+    A layer's `torch.empty` weight is dropped before anything writes it, so it never becomes resident."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def build_backbone(config_dict: dict, dtype: torch.dtype = torch.float32, empty: bool = False) -> nn.Module:
+    """A transformers base model (no LM head) from a config dict: randomly initialised, or with `empty` its
+    parameters on the meta device, to be assigned from a checkpoint (load_weights)."""
     from transformers import AutoConfig, AutoModel
 
     config_dict = dict(config_dict)
@@ -74,7 +95,8 @@ def build_backbone(config_dict: dict, dtype: torch.dtype = torch.float32) -> nn.
     for key in ("architectures", "transformers_version", "torch_dtype", "dtype"):
         config_dict.pop(key, None)
     config = AutoConfig.for_model(model_type, **config_dict)
-    return AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    with parameters_on_meta() if empty else contextlib.nullcontext():
+        return AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
 class PRMModel(nn.Module):
@@ -156,6 +178,24 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_safetensors_as(files: list[Path], device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors files, read one at a time onto `device` and cast to `dtype` (floating ones):
+    the host never holds more than one tensor in the file's dtype, so an fp32 checkpoint loads in bf16 without
+    a full fp32 copy."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as handle:
+                for name in handle.keys():
+                    tensor = handle.get_tensor(name)
+                    tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    return tensors
+
+
 def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     """Every *.safetensors file of a (Hugging Face) model folder; pickle weights are never loaded."""
     files = sorted(folder.glob("*.safetensors"))
@@ -180,7 +220,8 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: Pa
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"the config needs {tuple(expected[name].shape)}")
-    module.load_state_dict(tensors, strict=True)
+    # A module built on the meta device (build_backbone(empty=True)) takes the tensors themselves: no copy.
+    module.load_state_dict(tensors, strict=True, assign=any(t.is_meta for t in expected.values()))
 
 
 def load_prm(path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LoadedPRM:
@@ -194,13 +235,19 @@ def load_prm(path: Path | str, device: str | torch.device = "cpu", dtype: torch.
         config_dict = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    # Built on the meta device and assigned the checkpoint's tensors, read onto `device` in `dtype`: a 7B model
+    # in bf16 needs ~15 GB on the device and one tensor at a time on the host, not a 30 GB fp32 CPU copy.
     try:
-        backbone = build_backbone(config_dict, dtype=torch.float32)
+        backbone = build_backbone(config_dict, dtype=dtype, empty=True)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{config_file}: cannot build the backbone ({exc})") from None
     weight_files = sorted(rel for rel in manifest.files if rel.startswith("backbone/") and rel.endswith(".safetensors"))
-    weights = read_safetensors([path / rel for rel in weight_files])
+    weights = read_safetensors_as([path / rel for rel in weight_files], device, dtype)
     load_weights(backbone, weights, path / (weight_files[0] if len(weight_files) == 1 else "backbone"))
+    del weights
+    meta = [name for name, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
+    if meta:
+        raise CheckpointError(f"{path / 'backbone'}: {meta[:3]} not set by the checkpoint")
     model = PRMModel(backbone, activation=manifest.value_head.activation)
     head_file = path / "value_head.safetensors"
     head = read_safetensors([head_file])
