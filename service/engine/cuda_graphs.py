@@ -57,6 +57,19 @@ def default_buckets(max_batch: int = 8, lengths: tuple[int, ...] = (64, 128, 256
     return [(b, t) for b in batches for t in lengths]
 
 
+SERVING_BATCHES = (1, 2, 4, 8, 16)
+SERVING_LENGTHS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # steps of 1.5x: at most 1.5x padding
+
+
+def serving_buckets(max_tokens: int = 4096, batches: tuple[int, ...] = SERVING_BATCHES,
+                    lengths: tuple[int, ...] = SERVING_LENGTHS) -> list[Bucket]:
+    """The engine's buckets: lengths in steps of 1.5x up to 1024 (powers of two padded up to ~2x), batches up
+    to 16, every bucket within `max_tokens` tokens. Each bucket keeps its KV output in static memory, so the
+    sum of B*T over the buckets (~51k tokens here: ~0.6 GB for a 0.5B model, ~2.9 GB for a 7B one in bf16) is
+    the graphs' standing cost."""
+    return check_buckets([(b, t) for b in batches for t in lengths if b * t <= max_tokens])
+
+
 def check_buckets(buckets) -> list[Bucket]:
     out = []
     for bucket in buckets:
@@ -182,8 +195,9 @@ class GraphRunner:
         try:
             # Captures, side streams and the pool belong to self.device, not to whatever device is current.
             with torch.inference_mode(), torch.cuda.device(self.device):
+                side = torch.cuda.Stream(self.device)  # one warm-up stream for every bucket: each holds memory
                 for bucket in order:
-                    self._capture(bucket, pool, start_reserved)
+                    self._capture(bucket, pool, start_reserved, side)
         except Exception as exc:  # eager stays correct; a capture failure must not take the service down
             self._graphs.clear()
             self.disabled_reason = f"capture failed ({type(exc).__name__}: {exc})"
@@ -203,10 +217,9 @@ class GraphRunner:
         index = torch.zeros(self._readouts(bucket), dtype=torch.long, device=self.device)  # [R]
         return _Graph(ids=ids, index=index, out=None, kv=None, graph=None)
 
-    def _capture(self, bucket: Bucket, pool, start_reserved: int) -> None:
+    def _capture(self, bucket: Bucket, pool, start_reserved: int, side) -> None:
         t0 = time.perf_counter()
         static = self._buffers(bucket)
-        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):

@@ -17,7 +17,7 @@ from model_store.render import Renderer
 from service.engine import device_setup, postprocess
 from service.engine.client import EngineClient
 from service.engine.config import EngineConfig
-from service.engine.cuda_graphs import GraphRunner, default_buckets
+from service.engine.cuda_graphs import GraphRunner, serving_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
 from service.engine.runner import TorchRunner
@@ -54,7 +54,7 @@ class PRMEngine(EngineClient):
         self.kernel = device_setup.prepare_kernels(loaded.model, self.device)  # Triton probed, warmed, or off
         graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            graphs = GraphRunner(loaded.model, default_buckets(), self.device, pad_id=pad_id, with_kv=True)
+            graphs = GraphRunner(loaded.model, serving_buckets(), self.device, pad_id=pad_id, with_kv=True)
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
         self.cache = PrefixCache(device_setup.prefix_cache_bytes(config.prefix_cache_bytes,

@@ -101,3 +101,19 @@ def test_prefix_cache_is_sized_from_free_gpu_memory():
     assert device_setup.prefix_cache_bytes(0, default, gpu, free_bytes=free) == 0  # disabled stays disabled
     assert device_setup.prefix_cache_bytes(2**30, default, gpu, free_bytes=free) == 2**30  # set by hand: kept
     assert device_setup.prefix_cache_bytes(default, default, cpu, free_bytes=free) == default
+
+
+def test_serving_buckets_reach_further_and_pad_less():
+    from service.engine.cuda_graphs import pick_bucket, serving_buckets
+
+    buckets = serving_buckets()
+    assert all(b * t <= 4096 for b, t in buckets)
+    assert pick_bucket(buckets, 16, 256) == (16, 256) and pick_bucket(buckets, 4, 1024) == (4, 1024)
+    worst = 1.0
+    for length in range(1, 1025):  # a single sequence of every length: padding within 1.5x (from 32 on)
+        bucket = pick_bucket(buckets, 1, length)
+        assert bucket is not None
+        if length >= 32:
+            worst = max(worst, bucket[1] / length)
+    assert worst <= 1.5
+    assert sum(b * t for b, t in buckets) < 60_000  # the static KV the graphs keep: bounded
