@@ -155,6 +155,11 @@ def probe_triton(device: torch.device | str, hidden_size: int = 64, dtype: torch
     return _active
 
 
+# Readout counts that reach every BLOCK_N block_sizes() picks (it halves BLOCK_N until >= 128 programs), each
+# as a multiple of 16 and not (Triton specialises integer arguments on divisibility by 16), and N = 1.
+WARM_READOUTS = (1, 16, 17, 256, 257, 512, 513, 1024, 1025, 2048, 2049)
+
+
 def warm_triton(device: torch.device | str, hidden_size: int, dtype: torch.dtype) -> int:
     """Compile the kernel variants live requests will need before the first one arrives (start-up).
 
@@ -164,7 +169,7 @@ def warm_triton(device: torch.device | str, hidden_size: int, dtype: torch.dtype
     device = torch.device(device)
     if _active != "triton" or device.type != "cuda":
         return 0
-    counts = sorted({1, 16, 17} | {n + extra for n in (256, 512, 1024, 2048) for extra in (0, 1)})
+    counts = WARM_READOUTS
     weight = torch.zeros(1, hidden_size, device=device, dtype=torch.float32)  # [1, H]: the head is fp32
     bias = torch.zeros(1, device=device, dtype=torch.float32)
     launches = 0

@@ -83,3 +83,13 @@ def test_engine_start_probes_the_kernel(broken_triton, tiny_checkpoint):
     engine = PRMEngine.from_checkpoint(tiny_checkpoint, EngineConfig(device="cpu"))
     assert broken_triton and kernels.active_kernel() == "torch"
     assert engine.kernel == "torch"
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="needs the `triton` package (block_sizes lives in its module)")
+def test_warm_up_reaches_every_kernel_variant_live_requests_can_pick():
+    from model_store.triton_kernels import block_sizes
+
+    for hidden in (64, 896, 3584):
+        live = {(block_sizes(n, hidden), n == 1, n % 16 == 0) for n in range(1, 9000)}
+        warmed = {(block_sizes(n, hidden), n == 1, n % 16 == 0) for n in kernels.WARM_READOUTS}
+        assert live <= warmed, hidden
