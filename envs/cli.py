@@ -52,7 +52,7 @@ def _data_config(args):
 
     return DataConfig(levels=args.levels, episodes=args.episodes, policy=args.policy, epsilons=args.epsilons,
                       horizon=args.horizon, seed=args.seed, policy_seed=args.policy_seed,
-                      samples_per_start=args.samples_per_start)
+                      samples_per_start=args.samples_per_start, branch_fraction=args.branch_fraction)
 
 
 def _train_config(args):
@@ -181,6 +181,9 @@ def _add_data_flags(p) -> None:
     p.add_argument("--policy-seed", type=int, default=d.policy_seed, help="seed of the sampler's own randomness")
     p.add_argument("--samples-per-start", type=int, default=d.samples_per_start,
                    help=f"episodes sampled from each initial state [default: {d.samples_per_start}]")
+    p.add_argument("--branch-fraction", type=float, default=d.branch_fraction,
+                   help="share of episodes that get a branch point, where every other action is taken and the "
+                   f"sampler plays on (equal contrast between actions in one state) [default: {d.branch_fraction}]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
