@@ -230,10 +230,20 @@ def init_distributed(device: str = "auto", init_method: str = "env://",
 def _make_control_group() -> None:
     """A gloo group beside the default one (collective: every rank calls it once), for objects and waits."""
     global _control_group
-    if _control_group is None:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    default = dist.distributed_c10d._get_default_group()
+    if _control_group is None or _control_group[0] is not default:  # none yet, or made for a destroyed group
+        _control_group = (default, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+
+
+def _control() -> "object | None":
+    """The control group of the current default group, or None (the default group) when none was made for it."""
+    import torch.distributed as dist
+
+    if _control_group is None or _control_group[0] is not dist.distributed_c10d._get_default_group():
+        return None
+    return _control_group[1]
 
 
 def collective_device(group=None) -> torch.device:
@@ -255,7 +265,7 @@ def broadcast_object(obj, info: DistInfo):
     import torch.distributed as dist
 
     box = [obj if info.main else None]
-    dist.broadcast_object_list(box, src=0, group=_control_group)
+    dist.broadcast_object_list(box, src=0, group=_control())
     return box[0]
 
 
