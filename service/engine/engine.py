@@ -14,10 +14,10 @@ import torch
 
 from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
 from model_store.render import Renderer
-from service.engine import postprocess
+from service.engine import device_setup, postprocess
 from service.engine.client import EngineClient
 from service.engine.config import EngineConfig
-from service.engine.cuda_graphs import GraphRunner, default_buckets
+from service.engine.cuda_graphs import GraphRunner, serving_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
 from service.engine.runner import TorchRunner
@@ -51,12 +51,15 @@ class PRMEngine(EngineClient):
         self.device = device or next(loaded.model.parameters()).device
         self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
         pad_id = loaded.model.backbone.config.pad_token_id or 0
-        self.cache = PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
+        self.kernel = device_setup.prepare_kernels(loaded.model, self.device)  # Triton probed, warmed, or off
         graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            graphs = GraphRunner(loaded.model, default_buckets(), self.device, pad_id=pad_id, with_kv=True)
+            graphs = GraphRunner(loaded.model, serving_buckets(), self.device, pad_id=pad_id, with_kv=True)
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
+        self.cache = PrefixCache(device_setup.prefix_cache_bytes(config.prefix_cache_bytes,
+                                                                 EngineConfig.prefix_cache_bytes, self.device),
+                                 config.prefix_block_size)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
                                   max_forward_tokens=config.forward_tokens(self.device.type),
                                   cache=self.cache,

@@ -58,16 +58,18 @@ class _SuffixItem:
     lone: bool  # a group of one: its whole sequence is cached too
 
 
-def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False) -> list[list[int]]:
+def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False, past: int = 0) -> list[list[int]]:
     """Group indices (sorted by length) into passes of at most `max_forward_tokens` tokens: padded size
-    B * T_max, or with `packed` the sum of the lengths. A sequence longer than the budget gets a pass alone."""
+    B * (P + T_max), or with `packed` the sum of the lengths plus P once. `past` (P) is the length of the past
+    every sequence continues: a padded pass attends to B copies of it (B x (P + T) keys per layer), a packed
+    pass to one. A sequence longer than the budget gets a pass alone."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     total = 0
     for i in order:
         # Sorted ascending, so the newest index sets the padded length of the group.
-        size = total + lengths[i] if packed else (len(current) + 1) * lengths[i]
+        size = past + total + lengths[i] if packed else (len(current) + 1) * (past + lengths[i])
         if current and size > max_forward_tokens:
             groups.append(current)
             current, total = [], 0
@@ -192,9 +194,10 @@ class TorchRunner:
             passes = plan_forwards(lengths, self.max_forward_tokens, packed=True)
         else:
             passes, start = [], 0
-            for _, members in groups:
+            for state, members in groups:
                 passes += [[start + k for k in g]
-                           for g in plan_forwards(lengths[start:start + len(members)], self.max_forward_tokens)]
+                           for g in plan_forwards(lengths[start:start + len(members)], self.max_forward_tokens,
+                                                  past=len(state.markers))]
                 start += len(members)
         for members in passes:
             self._suffix_pass([items[k] for k in sorted(members)], jobs, results)
