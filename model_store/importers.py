@@ -34,6 +34,7 @@ from model_store.export import save_checkpoint
 from model_store.heads import MLPHead, TwoRowHead
 from model_store.manifest import Manifest, Normalisation, Template, TrainingInfo, ValueHeadSpec
 from model_store.modeling import build_backbone, load_weights, read_safetensors_folder
+from model_store.render import adds_leading_space, without_added_space
 from model_store.store import CheckpointError
 
 KINDS = ("qwen-prm", "skywork", "trl", "openrlhf", "trl-prm", "seq-cls", "math-shepherd", "rlhflow")
@@ -135,6 +136,10 @@ def detect_kind(source: Source) -> tuple[str, str]:
 
 
 def single_token(tokenizer, text: str) -> int | None:
+    """The id of `text` when it is one token in running text (for a sentencepiece-style tokenizer, without the
+    space it puts before a whole text)."""
+    if adds_leading_space(tokenizer):
+        tokenizer = without_added_space(tokenizer)
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return ids[0] if len(ids) == 1 else None
 
@@ -278,8 +283,11 @@ def _split(text: str, *sentinels: str) -> list[str]:
 def native_template(source: Source, kind: str, step_separator: str = "\n", system_prompt: str | None = None
                     ) -> Template:
     if kind == "math-shepherd":  # "{question} {step 1} ки\n{step 2} ки\n..." (tokenizer adds BOS)
+        # Mistral's sentencepiece tokenizer puts '▁' before the whole text once: the task carries that space.
+        spaced = adds_leading_space(source.tokenizer)
         return Template(kind="native", family=kind, preamble=_added_prefix(source), first_step_format=" {text}",
-                        step_tag=MATH_SHEPHERD_TAG, step_suffix="\n")
+                        step_tag=MATH_SHEPHERD_TAG, step_suffix="\n", strip_added_space=spaced,
+                        task_format=" {text}" if spaced else "{text}")
     if kind == "skywork":  # bos + question + "\n", then each step encoded alone + the "\n" token
         return Template(kind="native", family=kind, preamble=source.token("bos_token") or "",
                         task_format="{text}\n", step_tag="\n")
@@ -315,15 +323,17 @@ def tokenization_check(tokenizer, template: Template) -> str:
     from model_store.render import NativeRenderer, Step
 
     renderer = NativeRenderer(Tokenizer.from_str(tokenizer.to_str()), template)
+    source_tokenizer = Tokenizer.from_str(tokenizer.to_str())  # as the source encodes a whole text
     task, steps = "What is 12 + 30? Answer in one line.", (
         Step("", "Step 1: 12 + 30 = 42."), Step("", "Step 2: The answer is 42."), Step("", "So it is 42."))
     rendered = renderer.render_steps(task, steps)
-    text = template.preamble + template.task_format.replace("{text}", task) + template.task_suffix
+    task_format = template.task_format[1:] if template.strip_added_space else template.task_format
+    text = template.preamble + task_format.replace("{text}", task) + template.task_suffix
     for t, step in enumerate(steps):
         text += (template.step_prefix if t else "") + (template.first_step_format if t == 0 else
                                                        template.step_format).replace("{text}", step.action)
         text += template.step_tag + template.step_suffix
-    whole = renderer._literal_tokenizer.encode(text, add_special_tokens=False).ids
+    whole = source_tokenizer.encode(text, add_special_tokens=False).ids
     if list(rendered.ids) == whole:
         return "segment-wise ids equal the whole-text ids on a probe trajectory"
     return ("WARNING: segment-wise ids differ from the whole-text ids on a probe trajectory (scores may differ "

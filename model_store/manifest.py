@@ -61,6 +61,10 @@ class Template(BaseModel):
     step_tag: str = ""
     step_suffix: str = ""
     observation_separator: str = "\n"
+    # Encode pieces without the space a sentencepiece-style tokenizer puts before every text (its Prepend('▁')
+    # normalizer / Metaspace prepend): the source encoded one whole text, which got that space once, and the
+    # formats carry it (task_format ' {text}').
+    strip_added_space: bool = False
 
     @field_validator("chat_template")
     @classmethod

@@ -64,6 +64,8 @@ class Renderer:
     def __init__(self, tokenizer, template: Template, cache_size: int = 65536):
         self.tokenizer = tokenizer
         self.template = template
+        if template.kind != "marker":
+            raise ValueError("Renderer renders marker templates; make_renderer picks NativeRenderer for native ones")
         tokenizer.encode_special_tokens = True  # marker strings inside user text stay plain text
         ids = {m: tokenizer.token_to_id(m) for m in template.markers()}
         missing = [m for m, i in ids.items() if i is None]
@@ -137,6 +139,9 @@ class NativeRenderer:
             raise ValueError("NativeRenderer renders native templates")
         self.tokenizer = tokenizer
         self.template = template
+        if template.strip_added_space:
+            tokenizer = without_added_space(tokenizer)
+            self.tokenizer = tokenizer
         tokenizer.encode_special_tokens = True  # user text: special-token strings stay plain text
         self._literal_tokenizer = Tokenizer.from_str(tokenizer.to_str())
         self._literal_tokenizer.encode_special_tokens = False  # literals: `<|eot_id|>` is the special token
@@ -216,6 +221,37 @@ class NativeRenderer:
             before, action_format = self._step_pieces(len(steps), next_observation)
             ids += before
         return Rendered(tuple(ids), state_readout, tuple(step_readouts), action_format)
+
+
+def adds_leading_space(tokenizer) -> bool:
+    """Whether the tokenizer puts a space ('▁') before every text it encodes (sentencepiece style)."""
+    tokens = tokenizer.encode("a", add_special_tokens=False).tokens
+    return bool(tokens) and tokens[0].startswith("\u2581")
+
+
+def without_added_space(tokenizer):
+    """A copy of the tokenizer that does not put '▁' before each text (Prepend normalizers dropped, Metaspace
+    prepend_scheme 'never'); spaces inside the text still become '▁'."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    def strip(node):
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "Prepend":
+            return None
+        if node.get("type") == "Metaspace":
+            node["prepend_scheme"] = "never"
+        for key in ("normalizers", "pretokenizers"):
+            if isinstance(node.get(key), list):
+                node[key] = [n for n in (strip(n) for n in node[key]) if n is not None]
+        return node
+
+    data = json.loads(tokenizer.to_str())
+    data["normalizer"] = strip(data.get("normalizer"))
+    data["pre_tokenizer"] = strip(data.get("pre_tokenizer"))
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def make_renderer(tokenizer, template: Template, cache_size: int = 65536):

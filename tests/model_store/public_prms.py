@@ -52,6 +52,24 @@ def tiny_tokenizer(specials: list[str], bos: str | None = None):
     return tok
 
 
+def sentencepiece_tokenizer(specials: list[str], bos: str):
+    """Mistral / Llama-2 layout: normalizer Prepend('▁') + Replace(' ', '▁'), no pre-tokenizer, BOS added by the
+    post-processor (trained with a Metaspace split so that, like sentencepiece, no piece spans two words)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=["\n"])
+    tok.train_from_iterator(CORPUS * 20, trainer=trainer)
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    return tok
+
+
 def hf_tokenizer(tok, config: dict):
     from transformers import PreTrainedTokenizerFast
 
@@ -97,12 +115,14 @@ class Family:
     reference: Callable[[str, list[str]], list[float]]
 
 
-def math_shepherd(path: Path) -> Family:
-    """Mistral causal LM; '{q} {step} ки\\n{step} ки\\n'; P('+') of the pair ('+', ' -') at every ' ки'."""
+def math_shepherd(path: Path, sentencepiece: bool = False) -> Family:
+    """Mistral causal LM; '{q} {step} ки\\n{step} ки\\n'; P('+') of the pair ('+', ' -') at every ' ки'.
+    `sentencepiece`: Mistral's own tokenizer layout (a space before the whole text), else byte-level BPE."""
     from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
     path.mkdir(parents=True)
-    tok = tiny_tokenizer(["<unk>", "<s>", "</s>"], bos="<s>")
+    make = sentencepiece_tokenizer if sentencepiece else tiny_tokenizer
+    tok = make(["<unk>", "<s>", "</s>"], bos="<s>")
     config = MistralConfig(vocab_size=tok.get_vocab_size(), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                            num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                            max_position_embeddings=512, tie_word_embeddings=False)

@@ -84,6 +84,17 @@ def test_beam_expand_and_rerank_reuse_the_native_rendering(tmp_path, kind):
     assert by_index[1].initial_value == pytest.approx(full.results[1].initial_value, abs=1e-5)
 
 
+def test_math_shepherd_with_its_sentencepiece_tokenizer_layout(tmp_path):
+    """Mistral's tokenizer puts '▁' before each text: rendered piece by piece, the ids still equal the whole text's."""
+    family = public_prms.math_shepherd(tmp_path / "src", sentencepiece=True)
+    done = import_value_model(family.path, tmp_path / "out", name="ms")
+    assert done.manifest.template.strip_added_space and done.manifest.template.task_format == " {text}"
+    assert done.tokenization_check.startswith("segment-wise ids equal")
+    engine = _engine(tmp_path / "out", prefix_cache_bytes=0)
+    result = _run(engine, lambda: engine.score("default", [_math_trajectory(TASK, STEPS)])).results[0]
+    assert [s.promise for s in result.steps] == pytest.approx(family.reference(TASK, STEPS), abs=1e-5)
+
+
 def test_observations_join_the_step_text(tmp_path):
     """An agent step (observation, action) is scored as the text '{observation}\\n{action}' would be."""
     family = public_prms.math_shepherd(tmp_path / "src")
