@@ -1,5 +1,5 @@
-"""The PRM model at the bottom of the package graph: a transformers backbone plus a linear value head read
-at readout positions only.
+"""The PRM model at the bottom of the package graph: a transformers backbone plus a value head (linear, or an
+imported kind: model_store/heads.py) read at readout positions only.
 
 `PRMModel` is the one definition shared by serving (service.engine), training (training/) and the store's
 importers (model_store.importers): promise = activation(value_head(h[readout])). The head never sees
@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from model_store.heads import build_head, head_readout
 from model_store.kernels import value_head_readout
-from model_store.manifest import Manifest
+from model_store.manifest import Manifest, ValueHeadSpec
 from model_store.store import PICKLE_SUFFIXES, CheckpointError, verify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,15 @@ def build_backbone(config_dict: dict, dtype: torch.dtype = torch.float32, empty:
 
 
 class PRMModel(nn.Module):
-    def __init__(self, backbone: nn.Module, activation: str = "sigmoid"):
+    def __init__(self, backbone: nn.Module, activation: str = "sigmoid", head: ValueHeadSpec | None = None):
         super().__init__()
         self.backbone = backbone
         hidden = backbone.config.hidden_size
-        self.value_head = nn.Linear(hidden, 1, dtype=HEAD_DTYPE, device=next(backbone.parameters()).device)
-        self.activation = activation
+        # `head`: an imported checkpoint's head kind (model_store/heads.py); training builds the linear default.
+        # The head is fp32 whatever the backbone's dtype (see _apply).
+        self.head_spec = head or ValueHeadSpec(in_features=hidden, activation=activation)
+        self.value_head = build_head(self.head_spec, hidden, dtype=HEAD_DTYPE).to(next(backbone.parameters()).device)
+        self.activation = self.head_spec.activation
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)`, `.half()`, `.bfloat16()` cast the backbone only: the head stays fp32 with its exact values
@@ -136,6 +140,8 @@ class PRMModel(nn.Module):
 
     def readout(self, hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
         """Promises [N] at `flat_index` (indices into the flattened [B*T] positions) of hidden [B, T, H]."""
+        if self.head_spec.kind != "linear" or self.head_spec.normalisation is not None:
+            return head_readout(self.value_head, self.head_spec, hidden.reshape(-1, hidden.shape[-1]), flat_index)
         logits = value_head_readout(hidden.reshape(-1, hidden.shape[-1]), flat_index, self.value_head.weight,
                                     self.value_head.bias)
         return torch.sigmoid(logits) if self.activation == "sigmoid" else logits
@@ -248,7 +254,7 @@ def load_prm(path: Path | str, device: str | torch.device = "cpu", dtype: torch.
     meta = [name for name, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
     if meta:
         raise CheckpointError(f"{path / 'backbone'}: {meta[:3]} not set by the checkpoint")
-    model = PRMModel(backbone, activation=manifest.value_head.activation)
+    model = PRMModel(backbone, head=manifest.value_head)
     head_file = path / "value_head.safetensors"
     head = read_safetensors([head_file])
     if manifest.value_head.in_features != model.hidden_size:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
-from model_store.render import Renderer
+from model_store.render import make_renderer
 from service.engine import device_setup, postprocess
 from service.engine.client import EngineClient
 from service.engine.config import EngineConfig
@@ -49,7 +49,7 @@ class PRMEngine(EngineClient):
         self.metrics = metrics or Metrics()
         self.manifest = loaded.manifest
         self.device = device or next(loaded.model.parameters()).device
-        self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
+        self.renderer = make_renderer(loaded.tokenizer, loaded.manifest.template)
         pad_id = loaded.model.backbone.config.pad_token_id or 0
         self.kernel = device_setup.prepare_kernels(loaded.model, self.device)  # Triton probed, warmed, or off
         graphs = None
@@ -63,7 +63,7 @@ class PRMEngine(EngineClient):
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
                                   max_forward_tokens=config.forward_tokens(self.device.type),
                                   cache=self.cache,
-                                  marker_ids=(self.renderer.end_id, self.renderer.state_id),
+                                  marker_ids=self.renderer.readout_token_ids,
                                   backend=config.backend, graphs=graphs)
         self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
@@ -72,7 +72,10 @@ class PRMEngine(EngineClient):
         self.metrics.cache_blocks.set_function(lambda: len(self.cache))
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
-                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at)
+                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at,
+                              head_kind=m.value_head.kind, template_kind=m.template.kind,
+                              template_family=m.template.family, data_sha256=m.training.data.get("sha256"),
+                              source=m.training.data.get("source"))
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, config: EngineConfig = EngineConfig(),
@@ -211,7 +214,7 @@ class PRMEngine(EngineClient):
             base = self.renderer.render_steps(beam.trajectory.task, beam.trajectory.steps, beam.observation)
             baseline = base.step_readouts[-1] if base.step_readouts else base.state_readout
             for c, action in enumerate(beam.candidates):
-                ids = base.ids + self.renderer.action_segment(action)
+                ids = self.renderer.append_action(base, action)
                 self._check_length(ids, f"beams[{b}] with candidates[{c}]")
                 shared = len(base.ids) if self.config.share_prefixes else 0  # the beam's history + observation
                 jobs.append(ScoreJob(ids, (baseline, len(ids) - 1), shared))

@@ -82,13 +82,16 @@ def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = Fa
 
 class TorchRunner:
     def __init__(self, model: PRMModel, device: torch.device, pad_id: int = 0, max_forward_tokens: int = 8192,
-                 cache: PrefixCache | None = None, marker_ids: tuple[int, ...] = (), backend: str = "auto",
+                 cache: PrefixCache | None = None, marker_ids: tuple[int, ...] | None = (), backend: str = "auto",
                  graphs: GraphRunner | None = None):
         self.model = model
         self.device = device
         self.max_forward_tokens = max_forward_tokens
         self.cache = cache if cache is not None else PrefixCache(0)
-        self.marker_ids = np.array(sorted(marker_ids), dtype=np.int64)
+        # None: a readout can sit on any token (a native template whose V_0 follows user text), so a cached
+        # prefix keeps the promise of every position.
+        self.every_position = marker_ids is None
+        self.marker_ids = np.array(sorted(marker_ids or ()), dtype=np.int64)
         self.executor = make_backend(backend, model, device, pad_id, graphs)
         self.backend = self.executor.name
         self.graphs = getattr(self.executor, "graphs", None)
@@ -133,6 +136,8 @@ class TorchRunner:
     # -- one pass ----------------------------------------------------------------------------------
     def _markers_of(self, ids) -> np.ndarray:
         """Positions of readout-marker tokens in ids."""
+        if self.every_position:
+            return np.arange(len(ids), dtype=np.int64)
         if not self.marker_ids.size:
             return np.empty(0, dtype=np.int64)
         return np.flatnonzero(np.isin(np.asarray(ids, dtype=np.int64), self.marker_ids))
