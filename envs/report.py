@@ -237,6 +237,10 @@ def render_readme(summary: dict, analysis: str | None = None) -> str:
               "| stage | wall time |", "|---|---:|"]
     lines += [f"| {name} | {_seconds(s)} |" for name, s in summary["stages_s"].items()]
     lines += [f"| **total** | **{_seconds(sum(summary['stages_s'].values()))}** |", ""]
+    reused = [f"{r['method']} seed {r['seed']}" for r in summary["runs"] if r.get("reused")]
+    if reused:
+        lines += [f"Not trained in this run (reused checkpoints, trained earlier or given with `--checkpoint`, so their "
+                  f"training time is not above): {', '.join(reused)}.", ""]
     return "\n".join(lines)
 
 
