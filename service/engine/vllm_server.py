@@ -112,10 +112,13 @@ def failure_reason(log_text: str, returncode: int | None) -> str:
     (a chained traceback prints the root cause first), else an argparse error, else the log's last line."""
     lines = [line.strip() for line in log_text.splitlines() if line.strip()]
     found: list[str] = []
-    for line in lines:
+    for i, line in enumerate(lines):
         match = _EXCEPTION.match(line)
         if match and not any(g in match.group(2) for g in _GENERIC):
-            found.append(f"{match.group(1)}: {match.group(2)}")
+            reason = f"{match.group(1)}: {match.group(2)}"
+            if match.group(1) == "ValidationError" and i + 1 < len(lines):  # pydantic: the message is below
+                reason += ": " + lines[i + 1].removeprefix("Value error, ")
+            found.append(reason)
     if not found:
         found = [f"error: {m.group(1)}" for m in map(_ARGPARSE.match, lines) if m]
     reason = found[0] if found else (lines[-1] if lines else "no output")

@@ -210,6 +210,13 @@ def test_failure_reason_is_the_root_exception_in_one_line():
     assert failure_reason(argparse_error, 2) == ("vLLM failed to start (exit code 2): error: argument --dtype: "
                                                  "invalid choice: 'x'")
     assert failure_reason("", None) == "vLLM failed to start: no output"
+    pydantic = ("(APIServer pid=3) WARNING ulimit: failed with error current limit exceeds maximum limit\n"
+                "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                "  Value error, User-specified max_model_len (999999) is greater than the derived max_model_len\n"
+                "    For further information visit https://errors.pydantic.dev/2.14/v/value_error\n")
+    assert failure_reason(pydantic, 1) == ("vLLM failed to start (exit code 1): ValidationError: 1 validation error "
+                                           "for ModelConfig: User-specified max_model_len (999999) is greater than "
+                                           "the derived max_model_len")
 
 
 def test_settings_pass_through_to_the_vllm_command(tmp_path):
