@@ -20,12 +20,11 @@ META_FILE = "agentprm_vllm.json"
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 ARCHS = {
     "token_classify": "Qwen2ForTokenClassification",
-    # The serving layout (service/engine/backends/vllm.py): the same single linear `score` layer as
-    # token_classify, but vLLM's default task is sequence classification (LAST pooling, which reads vLLM's
-    # prefix cache); per-token ALL pooling is still served on request.
-    "seq_classify": "Qwen2ForSequenceClassification",
     "prm": "Qwen2ForProcessRewardModel",
     "reward": "Qwen2ForRewardModel",
+    # LAST pooling (one promise per prompt, the last token's: a candidate's last step) keeps vLLM's automatic
+    # prefix caching on, which STEP/ALL pooling turn off; same `score` layer as token_classify.
+    "seq_cls": "Qwen2ForSequenceClassification",
 }
 
 
@@ -128,7 +127,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
     weight, bias = head["weight"].to(torch.float32), head["bias"].to(torch.float32)
     if tuple(weight.shape) != (1, hidden) or tuple(bias.shape) != (1,):
         raise VllmExportError(f"value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, {hidden}), (1,)")
-    if arch in ("token_classify", "seq_classify"):
+    if arch in ("token_classify", "seq_cls"):
         weights["score.weight"], weights["score.bias"] = weight.contiguous(), bias.contiguous()
         labels = 1
     else:

@@ -41,7 +41,7 @@ from service.engine.vllm_server import VllmConfig, VllmProcess
 
 log = logging.getLogger("agentprm.vllm")
 
-EXPORT_ARCH = "seq_classify"  # model_store.vllm_export.ARCHS: LAST by default, ALL on request
+EXPORT_ARCH = "seq_cls"  # model_store.vllm_export.ARCHS: our head as the one-label `score` layer (LAST or ALL)
 MIN_SHARED_PREFIX = 16  # a shared prefix shorter than one vLLM block (16 tokens by default) is not warmed
 
 

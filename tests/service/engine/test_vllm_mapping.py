@@ -119,7 +119,7 @@ class _Process:
 def engines(tiny_checkpoint, tmp_path_factory):
     loaded = load_prm(tiny_checkpoint, device="cpu", dtype=torch.float32)
     socket_path = tmp_path_factory.mktemp("standin") / "vllm.sock"
-    export = VllmExport(path=tiny_checkpoint, arch="seq_classify", architecture="Qwen2ForSequenceClassification",
+    export = VllmExport(path=tiny_checkpoint, arch="seq_cls", architecture="Qwen2ForSequenceClassification",
                         end_id=0, state_id=0, hidden_size=64, max_seq_len=loaded.manifest.max_seq_len)
     with _StandIn(loaded.model, socket_path) as stand_in:
         runner = VllmRunner(_Process(socket_path), export, None)
@@ -224,7 +224,7 @@ def test_settings_pass_through_to_the_vllm_command(tmp_path):
                               vllm_pipeline_parallel_size=2, vllm_gpu_memory_utilization=0.8,
                               vllm_max_model_len=4096, vllm_extra_args="--distributed-executor-backend ray")
     config = settings.engine_config().vllm
-    export = VllmExport(path=tmp_path, arch="seq_classify", architecture="x", end_id=1, state_id=2, hidden_size=8,
+    export = VllmExport(path=tmp_path, arch="seq_cls", architecture="x", end_id=1, state_id=2, hidden_size=8,
                         max_seq_len=8192)
     cmd = server_command(export, config, tmp_path / "s.sock", "cuda")
     assert cmd[0] == sys.executable
