@@ -102,7 +102,8 @@ def every_route(ours, theirs) -> dict:
                 {"role": "assistant", "content": "turn left"}, {"role": "user", "content": "a wall ahead"},
                 {"role": "assistant", "content": "move forward"}]
     post_both(ours, theirs, "/v1/score", {"trajectories": [{"messages": messages}]})
-    post_both(ours, theirs, "/v1/reward", {"query": ["Q?\n\nfirst step\n\nsecond step"], "prompts": ["Q?"]})
+    query = "<|task|>go to the ball<|obs|>a wall<|state|><|act|>turn left<|end|><|obs|>a ball<|act|>forward<|end|>"
+    post_both(ours, theirs, "/v1/reward", {"query": [query, query[:60]], "prompts": ["go to the ball"] * 2})
     return second
 
 
