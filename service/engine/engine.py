@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
+from model_store.modeling import LoadedPRM, default_dtype, load_prm, load_tokenizer, pick_device
 from model_store.render import make_renderer
+from model_store.store import verify_checkpoint
 from service.engine import device_setup, postprocess
 from service.engine.client import EngineClient
 from service.engine.config import EngineConfig
@@ -43,13 +44,36 @@ def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
 
 class PRMEngine(EngineClient):
     def __init__(self, loaded: LoadedPRM, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, runner=None):
+        """`runner` (anything with `run_batch(jobs) -> BatchResults`): the vllm backend's VllmRunner, which needs
+        no torch model (`loaded.model` is None then); None builds the TorchRunner on `loaded.model`."""
         self.loaded = loaded
         self.config = config
         self.metrics = metrics or Metrics()
         self.manifest = loaded.manifest
         self.device = device or next(loaded.model.parameters()).device
         self.renderer = make_renderer(loaded.tokenizer, loaded.manifest.template)
+        # vLLM keeps its own prefix cache; ours holds nothing then.
+        cache_bytes = 0 if runner is not None else device_setup.prefix_cache_bytes(
+            config.prefix_cache_bytes, EngineConfig.prefix_cache_bytes, self.device)
+        self.cache = PrefixCache(cache_bytes, config.prefix_block_size)
+        self.kernel = None
+        self.runner = runner if runner is not None else self._torch_runner(loaded, config)
+        self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
+        self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
+        self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
+        self.metrics.cache_bytes.set_function(lambda: self.cache.bytes)
+        self.metrics.cache_blocks.set_function(lambda: len(self.cache))
+        m = self.manifest
+        # A vLLM engine may be configured for shorter sequences than the checkpoint takes (--vllm-max-model-len).
+        self.max_seq_len = min(m.max_seq_len, getattr(self.runner, "max_model_len", m.max_seq_len))
+        self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=self.max_seq_len,
+                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at,
+                              head_kind=m.value_head.kind, template_kind=m.template.kind,
+                              template_family=m.template.family, data_sha256=m.training.data.get("sha256"),
+                              source=m.training.data.get("source"))
+
+    def _torch_runner(self, loaded: LoadedPRM, config: EngineConfig) -> TorchRunner:
         pad_id = loaded.model.backbone.config.pad_token_id or 0
         self.kernel = device_setup.prepare_kernels(loaded.model, self.device)  # Triton probed, warmed, or off
         graphs = None
@@ -57,30 +81,24 @@ class PRMEngine(EngineClient):
             graphs = GraphRunner(loaded.model, serving_buckets(), self.device, pad_id=pad_id, with_kv=True)
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
-        self.cache = PrefixCache(device_setup.prefix_cache_bytes(config.prefix_cache_bytes,
-                                                                 EngineConfig.prefix_cache_bytes, self.device),
-                                 config.prefix_block_size)
-        self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
-                                  max_forward_tokens=config.forward_tokens(self.device.type),
-                                  cache=self.cache,
-                                  marker_ids=self.renderer.readout_token_ids,
-                                  backend=config.backend, graphs=graphs)
-        self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
-        self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
-        self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
-        self.metrics.cache_bytes.set_function(lambda: self.cache.bytes)
-        self.metrics.cache_blocks.set_function(lambda: len(self.cache))
-        m = self.manifest
-        self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
-                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at,
-                              head_kind=m.value_head.kind, template_kind=m.template.kind,
-                              template_family=m.template.family, data_sha256=m.training.data.get("sha256"),
-                              source=m.training.data.get("source"))
+        return TorchRunner(loaded.model, self.device, pad_id=pad_id,
+                           max_forward_tokens=config.forward_tokens(self.device.type), cache=self.cache,
+                           marker_ids=self.renderer.readout_token_ids,
+                           backend=config.backend, graphs=graphs)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, config: EngineConfig = EngineConfig(),
                         metrics: Metrics | None = None) -> "PRMEngine":
+        """The engine of a checkpoint: its torch model, or with `backend="vllm"` a vLLM server started on its
+        verified export (vLLM's reason in one line, VllmStartError, when that fails; nothing left running)."""
         device = pick_device(config.device)
+        if config.backend == "vllm":
+            from service.engine.backends.vllm import VllmRunner
+
+            path = Path(path)
+            manifest = verify_checkpoint(path)
+            loaded = LoadedPRM(manifest=manifest, model=None, tokenizer=load_tokenizer(path, manifest), path=path)
+            return cls(loaded, config, metrics, device, runner=VllmRunner.start(path, config.vllm, device.type))
         loaded = load_prm(path, device=device, dtype=default_dtype(device))
         return cls(loaded, config, metrics, device)
 
@@ -90,9 +108,18 @@ class PRMEngine(EngineClient):
 
     async def shutdown(self) -> None:
         await self.scheduler.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Release what lives outside this process (the vllm backend's server). Idempotent; shutdown calls it."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     async def check_health(self) -> Health:
         alive = self.scheduler.alive
+        if alive and hasattr(self.runner, "alive") and not self.runner.alive():
+            return Health(live=False, ready=False, detail=self.runner.failure())  # vLLM's process has exited
         return Health(live=alive, ready=alive, detail="ok" if alive else (self.scheduler.failure or "engine not running"))
 
     def saturated(self) -> float | None:
@@ -109,7 +136,7 @@ class PRMEngine(EngineClient):
         raise UnknownModel(f"model {model!r} is not served here; available: {self.info.ref} (also as {also})")
 
     def _check_length(self, ids, what: str) -> None:
-        limit = self.manifest.max_seq_len
+        limit = self.max_seq_len
         if len(ids) > limit:
             raise InvalidInput(f"{what} is {len(ids)} tokens long; this model accepts at most {limit}")
 

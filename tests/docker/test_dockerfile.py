@@ -103,6 +103,13 @@ def test_torch_is_pinned_to_the_project_version():
     assert torch_pin == f"torch=={args['TORCH_VERSION']}"
 
 
+def test_vllm_is_an_opt_in_build_argument_pinned_like_the_extra():
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm"]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), flags=re.M))
+    assert args["WITH_VLLM"] == "0"  # the default image does not carry vLLM
+    assert [d.split(";")[0].strip() for d in extra] == [args["VLLM_SPEC"]]
+
+
 def dockerignore_excludes(path: str) -> bool:
     """Docker's rule: the last pattern that matches the path or one of its parent folders decides."""
     excluded = False

@@ -1,4 +1,4 @@
-"""Kubernetes manifests (docker/k8s/): rendered for the GPU base and the CPU overlay, validated against the
+"""Kubernetes manifests (docker/k8s/): rendered for the GPU base, the CPU overlay and the vLLM tensor-parallel overlay, validated against the
 Kubernetes 1.30 schemas (kubernetes-validate, when installed) and checked for what a deployment needs:
 GPU resources, probes on /health and /ready, a termination grace period that covers preStop plus the
 server's drain, an HPA on agentprm_queue_depth through the custom metrics API, a PDB that lets a node
@@ -20,7 +20,7 @@ from tests.conftest import REPO
 from tests.docker import kustomize
 
 K8S = REPO / "docker" / "k8s"
-OVERLAYS = {"gpu": K8S / "base", "cpu": K8S / "overlays" / "cpu"}
+OVERLAYS = {"gpu": K8S / "base", "cpu": K8S / "overlays" / "cpu", "vllm-tp": K8S / "overlays" / "vllm-tp"}
 EXPECTED = {
     ("apps/v1", "Deployment"), ("v1", "Service"), ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
@@ -62,6 +62,14 @@ def test_gpu_resources_in_the_base_and_none_in_the_cpu_overlay(rendered):
     if variant == "gpu":
         assert limits["nvidia.com/gpu"] == 1 and requests["nvidia.com/gpu"] == 1
         assert env(c)["AGENTPRM_DEVICE"] == "cuda" and c["image"].endswith(":gpu")
+    elif variant == "vllm-tp":  # one vLLM engine split over every GPU of the pod
+        gpus = limits["nvidia.com/gpu"]
+        assert gpus == requests["nvidia.com/gpu"] > 1
+        assert env(c)["AGENTPRM_BACKEND"] == "vllm" and env(c)["AGENTPRM_VLLM_TENSOR_PARALLEL_SIZE"] == str(gpus)
+        assert c["image"].endswith(":gpu-vllm")
+        shm = {m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"}
+        (volume,) = [v for v in resources["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] in shm]
+        assert volume["emptyDir"]["medium"] == "Memory"
     else:
         assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in requests
         assert "tolerations" not in resources["Deployment"]["spec"]["template"]["spec"]

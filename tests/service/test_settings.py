@@ -31,6 +31,8 @@ TEXT_INVALID = {
     "device": lambda tmp: "tpu",
     "api_key": lambda tmp: "key with spaces",
     "api_key_file": lambda tmp: str(tmp / "no-such-keys.txt"),
+    "vllm_python": lambda tmp: str(tmp / "no-such-python"),
+    "vllm_extra_args": lambda tmp: "--unclosed 'quote",
 }
 
 

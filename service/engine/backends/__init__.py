@@ -3,7 +3,8 @@
 A backend takes a `ForwardPass` (sequences, the KV each continues, the positions whose promise is wanted)
 and returns a `PassOutput` (promises at those positions, and the KV of each sequence when asked). All
 backends compute the same function up to float rounding; tests/service/engine/test_backends.py checks it.
-A new backend (vLLM, say) is one more module implementing `Backend` plus one line in `make_backend`.
+A new pass backend is one more module implementing `Backend` plus one line in `make_backend`. The vllm backend
+(vllm.py) is the exception: vLLM owns the KV cache and batching, so it replaces the runner (`VllmRunner`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ def make_backend(name: str, model: PRMModel, device: torch.device, pad_id: int =
     from service.engine.backends.packed import PackedBackend, supports
     from service.engine.backends.padded import PaddedBackend
 
+    if name == "vllm":
+        raise ValueError("the vllm backend takes the runner's place: PRMEngine.from_checkpoint starts it "
+                         "(service/engine/backends/vllm.py)")
     if name not in BACKENDS:
         raise ValueError(f"backend must be {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}, not {name!r}")
     if name == "auto":
