@@ -145,6 +145,7 @@ def cmd_serve(args) -> int:
         log.warning("serving on %s without API keys: anyone who can reach the port can use it "
                     "(set --api-key-file or AGENTPRM_API_KEY)", settings.host)
     banner = (f"serving {engine.info.ref} on http://{settings.host}:{port} (device {engine.device}, "
+              f"dtype {engine.dtype.name} ({engine.dtype.reason}), "
               f"max_batch_tokens {settings.max_batch_tokens}, max_wait_ms {settings.max_wait_ms}, "
               f"auth {'on' if api_config.api_keys else 'off'})")
     if settings.log_format == "json":

@@ -304,11 +304,13 @@ class ModelCard(BaseModel):
     aliases: list[str]
     method: str | None = None
     created_at: str | None = None
+    dtype: str = Field("float32", description="The backbone's compute dtype (float32 or bfloat16, chosen by "
+                                              "--dtype); the value head is always float32")
 
     @classmethod
     def from_engine(cls, m: E.ModelInfo) -> "ModelCard":
         return cls(id=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len, aliases=list(m.aliases),
-                   method=m.method, created_at=m.created_at)
+                   method=m.method, created_at=m.created_at, dtype=m.dtype)
 
 
 class ModelList(BaseModel):

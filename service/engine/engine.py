@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from model_store.modeling import LoadedPRM, default_dtype, load_prm, pick_device
+from model_store.modeling import LoadedPRM, load_prm, pick_device
+from model_store.precision import DtypeChoice, resolve_dtype
 from model_store.render import Renderer
 from service.engine import postprocess
 from service.engine.client import EngineClient
@@ -43,12 +44,14 @@ def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
 
 class PRMEngine(EngineClient):
     def __init__(self, loaded: LoadedPRM, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, dtype: DtypeChoice | None = None):
         self.loaded = loaded
         self.config = config
         self.metrics = metrics or Metrics()
         self.manifest = loaded.manifest
         self.device = device or next(loaded.model.parameters()).device
+        backbone_dtype = next(loaded.model.backbone.parameters()).dtype
+        self.dtype = dtype or DtypeChoice(str(backbone_dtype).removeprefix("torch."), "as loaded")
         self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
         pad_id = loaded.model.backbone.config.pad_token_id or 0
         self.cache = PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
@@ -69,14 +72,21 @@ class PRMEngine(EngineClient):
         self.metrics.cache_blocks.set_function(lambda: len(self.cache))
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
-                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at)
+                              aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at,
+                              dtype=self.dtype.name)
+        self.metrics.model_dtype.labels(dtype=self.dtype.name).set(1)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, config: EngineConfig = EngineConfig(),
                         metrics: Metrics | None = None) -> "PRMEngine":
+        """Load a verified checkpoint and serve it in `config.dtype` (model_store.precision.resolve_dtype):
+        the backbone is cast to the chosen dtype, the value head stays fp32 (read in fp32, never rounded)."""
         device = pick_device(config.device)
-        loaded = load_prm(path, device=device, dtype=default_dtype(device))
-        return cls(loaded, config, metrics, device)
+        loaded = load_prm(path, device=device, dtype=torch.float32)
+        choice = resolve_dtype(config.dtype, device, hint=loaded.manifest.dtype)
+        loaded.model.backbone.to(dtype=choice.torch_dtype)
+        log.info("dtype %s (%s); value head float32", choice.name, choice.reason)
+        return cls(loaded, config, metrics, device, choice)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -84,6 +84,7 @@ class ModelInfo:
     aliases: tuple[str, ...] = (DEFAULT_MODEL_ALIAS,)
     method: str | None = None
     created_at: str | None = None
+    dtype: str = "float32"  # the backbone's compute dtype (the value head is always float32)
 
 
 @dataclass(frozen=True)
