@@ -1,11 +1,14 @@
 """`agentprm bench` / `python -m bench`: every system on the same models in one run, writing bench/RESULTS.md.
 
-    agentprm bench [--quick] [--systems ours,vllm,openrlhf,naive] [--models default,25m] [--out bench/RESULTS.md]
+    agentprm bench [--quick] [--systems ours,ours-fp32,vllm,vllm-last,openrlhf,naive] [--models default,25m]
+                   [--dtype auto] [--wait-quiet 0] [--out bench/RESULTS.md]
 
-Contract: one invocation measures the machine's matmul peak, then for each model (`default`: the shipped
+Contract: one invocation measures the machine's matmul peak (square fp32, and per model the linear-layer shapes
+in fp32 and bf16: bench.matmul_peak), then for each model (`default`: the shipped
 checkpoint model_store/checkpoints/agentprm-babyai-small/<latest>/, or a random one of the training default
 size when none is shipped, said so in the report; `25m`: a ~25M-parameter Qwen2 from init_random; or a
-checkpoint path) builds the workloads, runs each system in turn (one server at a time), profiles our runner,
+checkpoint path) builds the workloads, runs each system in turn (one server at a time; ours first, whose
+dtype -- `--dtype`, default auto -- the vLLM peers then use), profiles our runner,
 and writes the whole report (and `--json`) from that run only. A system that cannot start (vLLM missing) is
 reported as not run; the rest goes on. `--quick` uses small workloads and budgets (tests). Bounded: per-cell
 time budgets (`--budget`), request timeouts, bounded server starts, a bounded wait for a quiet machine.
@@ -35,7 +38,10 @@ QUICK_TINY = dict(layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128, vo
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small workloads and budgets (tests, smoke runs)")
-    p.add_argument("--systems", default="ours,vllm,openrlhf,naive", help="comma-separated: ours,vllm,openrlhf,naive")
+    p.add_argument("--systems", default="ours,ours-fp32,vllm,vllm-last,openrlhf,naive",
+                   help="comma-separated: ours,ours-fp32,vllm,vllm-last,openrlhf,naive")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="ours' --dtype; the vLLM peers run at the dtype ours resolves to [default auto]")
     p.add_argument("--models", default=None,
                    help="comma-separated: default, 25m, or checkpoint paths [default: default,25m; --quick: default]")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="report path")
@@ -83,7 +89,15 @@ def machine_info() -> dict:
     vllm = sorted(VENV_DIR.glob("lib/python3*/site-packages/vllm*.dist-info"))
     versions["vllm"] = vllm[0].name.removesuffix(".dist-info").split("-", 1)[1] if vllm else "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_kib / 2**20, "python": platform.python_version(),
-            "load_start": os.getloadavg()[0], **versions}
+            "load_start": os.getloadavg()[0], "flags": cpu_flags(), **versions}
+
+
+def cpu_flags() -> str:
+    """The CPU's matrix and vector flags from /proc/cpuinfo (what decides fp32 vs bf16 speed): avx2, fma, avx512*,
+    amx*; '' where unreadable."""
+    flags = next((line.split(":", 1)[1].split() for line in _read("/proc/cpuinfo").splitlines()
+                  if line.startswith("flags")), [])
+    return " ".join(f for f in flags if f in ("avx2", "fma") or f.startswith(("avx512", "amx")))
 
 
 def wait_quiet(max_s: float, threshold: float = 1.5, log=print) -> float:
@@ -155,7 +169,7 @@ def run_bench(args, log=print):
     from bench.harness import HarnessConfig, run_system
     from bench.matmul_peak import model_stats
     from bench.report import ModelRun, RunResult, write_report
-    from bench.systems import SYSTEMS, SystemError_, make_system
+    from bench.systems import SYSTEMS, VLLM_SYSTEMS, SystemError_, make_system
     from bench.workloads import Sizes, build_calibration, build_workloads
 
     started = time.monotonic()
@@ -169,7 +183,7 @@ def run_bench(args, log=print):
         raise SystemExit("agentprm bench: --concurrency values must be in [1, 256]")
     budget = args.budget if args.budget is not None else (4.0 if args.quick else 40.0)
     sizes = Sizes.quick() if args.quick else Sizes()
-    for table in (sizes.w1_requests, sizes.w2_requests, sizes.w3_calls):
+    for table in (sizes.w1_requests, sizes.w2_requests, sizes.w3_calls, sizes.w4_calls):
         for c in concurrencies:
             table.setdefault(c, max(table.values()))
     work_dir = Path(args.work_dir)
@@ -188,7 +202,7 @@ def run_bench(args, log=print):
     run = RunResult(command=command, started=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                     machine=machine, matmul=matmul,
                     config={"systems": systems, "concurrencies": list(concurrencies), "budget_s": budget,
-                            "quick": args.quick, "seed": args.seed, "sizes": str(sizes),
+                            "quick": args.quick, "seed": args.seed, "sizes": str(sizes), "dtype": args.dtype,
                             "analysis": _read(args.analysis) if args.analysis else ""})
     if load >= 1.5:
         run.notes.append(f"The machine was busy when the run started (1-min load {load:.2f} >= 1.5 after waiting "
@@ -203,8 +217,20 @@ def run_bench(args, log=print):
         model = ModelRun(key=key, path=str(path), source=source, stats=stats,
                          workloads={n: _workload_info(w, concurrencies) for n, w in workloads.items()})
         run.models.append(model)
-        for name in systems:
-            system = make_system(name, path, work_dir / key)
+        log(f"bench: [{key}] measuring the linear-layer peak per dtype")
+        try:
+            model.linear_peak = _json_subprocess(["-m", "bench.matmul_peak", "--model", str(path)]
+                                                 + (["--quick"] if args.quick else []), 600)
+        except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+            model.linear_peak = {"error": str(exc)[:500]}
+        ours_dtype = None if args.dtype == "auto" else args.dtype
+        for name in sorted(systems, key=lambda n: n != "ours"):  # ours first: the peers take its dtype
+            if name == "ours-fp32" and (ours_dtype or "float32") == "float32":
+                model.systems[name] = {"error": "not run: ours already computes in float32"}
+                continue
+            system = make_system(name, path, work_dir / key,
+                                 dtype=args.dtype if name == "ours" and args.dtype != "auto" else
+                                 (ours_dtype if name in VLLM_SYSTEMS else None))
             log(f"bench: [{key}] starting {name}")
             try:
                 system.start()
@@ -214,9 +240,12 @@ def run_bench(args, log=print):
                 system.stop()
                 continue
             model.systems[name] = dict(system.info)
+            if name == "ours":
+                ours_dtype = system.info.get("dtype", "float32")
+                model.dtype = ours_dtype
+                log(f"bench: [{key}] ours computes in {ours_dtype}; the vLLM peers will too")
             try:
-                only = ("W1", "W2", "W3") + (("long",) if name == "ours" else ())
-                model.cells += run_system(system, workloads, calib, config, only, log=lambda m: log(m))
+                model.cells += run_system(system, workloads, calib, config, system.workloads, log=lambda m: log(m))
             finally:
                 system.stop()
         if "ours" in systems and not args.no_profile:

@@ -277,7 +277,8 @@ def summarize(args, model: str, capacity: float, rate: float, run: dict, exit_co
         "rss_by_minute_mib": by_minute(rss),
         "prefix_cache_mib_end": cache_mib,
         "drain_exit_code": exit_code, "serve_args": args.serve_arg, "cpus": os.cpu_count(),
-        "cpu": machine_info()["cpu"], "commit": commit(),
+        "cpu": machine_info()["cpu"], "cpu_flags": machine_info().get("flags", ""), "commit": commit(),
+        "dtype": run.get("dtype", "unknown"),
         "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - run["elapsed"])),
     }
 
@@ -288,6 +289,7 @@ def markdown(s: dict) -> str:
     return f"""# Soak run (bench/soak.py)
 
 `python -m bench.soak --duration-s {s['duration_s']:.0f} --factor {s['factor']}` on {s['cpus']} CPUs ({s['cpu']}),
+CPU flags: {s.get('cpu_flags') or 'n/a'}; the server computed in {s.get('dtype', 'unknown')};
 started {s['started_utc']} at commit {s['commit']}; model `{s['model']}`, server flags
 {s['serve_args'] or 'none (production defaults; the access log in JSON)'}.
 
@@ -332,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         started = time.time()
         run = asyncio.run(open_loop(url, pool, rate, args.duration_s, proc.pid))
+        run["dtype"] = httpx.get(url + "/v1/models", timeout=30).json()["data"][0].get("dtype", "unknown")
         cache_mib = prefix_cache_mib(url)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=120)

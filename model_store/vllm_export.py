@@ -21,6 +21,9 @@ ARCHS = {
     "token_classify": "Qwen2ForTokenClassification",
     "prm": "Qwen2ForProcessRewardModel",
     "reward": "Qwen2ForRewardModel",
+    # LAST pooling (one promise per prompt, the last token's: a candidate's last step) keeps vLLM's automatic
+    # prefix caching on, which STEP/ALL pooling turn off; same `score` layer as token_classify.
+    "seq_cls": "Qwen2ForSequenceClassification",
 }
 
 
@@ -101,7 +104,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
     weight, bias = head["weight"].to(torch.float32), head["bias"].to(torch.float32)
     if tuple(weight.shape) != (1, hidden) or tuple(bias.shape) != (1,):
         raise VllmExportError(f"value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, {hidden}), (1,)")
-    if arch == "token_classify":
+    if arch in ("token_classify", "seq_cls"):
         weights["score.weight"], weights["score.bias"] = weight.contiguous(), bias.contiguous()
         labels = 1
     else:
