@@ -33,6 +33,7 @@ DEFAULT_NAME = "agentprm-babyai-small"
 # A random checkpoint of the training default size (training.DEFAULT_SIZE) stands in for the default one.
 RANDOM_DEFAULT = dict(layers=4, hidden=128, heads=4, kv_heads=2, intermediate=512, vocab=1024)
 QWEN2_25M = dict(layers=8, hidden=512, heads=8, kv_heads=2, intermediate=1536, vocab=1024)
+QWEN2_100M = dict(layers=12, hidden=768, heads=12, kv_heads=2, intermediate=2816, vocab=1024)  # ~95M non-embedding
 QUICK_TINY = dict(layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128, vocab=512)
 
 
@@ -43,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="ours' --dtype; the vLLM peers run at the dtype ours resolves to [default auto]")
     p.add_argument("--models", default=None,
-                   help="comma-separated: default, 25m, or checkpoint paths [default: default,25m; --quick: default]")
+                   help="comma-separated: default, 25m, 100m, or checkpoint paths [default: default,25m; --quick: "
+                        "default]")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="report path")
     p.add_argument("--json", default=None, help="also write the raw figures (cells, latencies, promises) as JSON")
     p.add_argument("--work-dir", default=str(REPO_ROOT / ".cache" / "bench"),
@@ -152,6 +154,9 @@ def resolve_model(spec: str, work_dir: Path, quick: bool, seed: int) -> tuple[st
     if spec == "25m":
         path = _random_checkpoint(work_dir / "models" / "qwen2-25m", "qwen2-25m", QWEN2_25M, seed)
         return "25m", path, "a ~25M-parameter Qwen2 (init_random, random weights)"
+    if spec == "100m":
+        path = _random_checkpoint(work_dir / "models" / "qwen2-100m", "qwen2-100m", QWEN2_100M, seed)
+        return "100m", path, "a ~100M-parameter Qwen2 (init_random, random weights)"
     path = Path(spec).expanduser().resolve()
     m = read_manifest(path)
     return path.name, path, f"checkpoint {m.ref} at {path}"
@@ -202,7 +207,7 @@ def run_bench(args, log=print):
     run = RunResult(command=command, started=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                     machine=machine, matmul=matmul,
                     config={"systems": systems, "concurrencies": list(concurrencies), "budget_s": budget,
-                            "quick": args.quick, "seed": args.seed, "sizes": str(sizes), "dtype": args.dtype,
+                            "quick": args.quick, "seed": args.seed, "sizes": str(sizes), "dtype": args.dtype, "models": models,
                             "analysis": _read(args.analysis) if args.analysis else ""})
     if load >= 1.5:
         run.notes.append(f"The machine was busy when the run started (1-min load {load:.2f} >= 1.5 after waiting "
@@ -257,6 +262,10 @@ def run_bench(args, log=print):
                                                  600)
             except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
                 model.profile = {"error": str(exc)[:500]}
+        if len(run.models) < len(models):  # the report so far: a run stopped later still leaves this model's tables
+            run.duration_s, run.load_end = time.monotonic() - started, os.getloadavg()
+            write_report(run, args.out, args.json)
+            log(f"bench: wrote {args.out} after model {key} ({len(run.models)} of {len(models)})")
     run.duration_s = time.monotonic() - started
     run.load_end = os.getloadavg()
     write_report(run, args.out, args.json)

@@ -228,7 +228,12 @@ def render(run: RunResult) -> str:
     out = ["# AgentPRM Serve: benchmark results", "",
            f"One run, {run.started}, {run.duration_s / 60:.1f} minutes. Every figure below comes from this run; "
            "rerunning the command rewrites the whole file.", "",
-           "```", run.command, "```", "", "## Machine", "",
+           "```", run.command, "```", ""]
+    planned = cfg.get("models") or []
+    if len(run.models) < len(planned):
+        out += [f"**Partial run**: {len(run.models)} of {len(planned)} models ({', '.join(planned)}) were measured when "
+                "this was written; the run did not finish the rest.", ""]
+    out += ["## Machine", "",
            f"- CPU: {m.get('cpu')} ({m.get('cores')} cores visible), memory {m.get('memory_gib', 0):.1f} GiB",
            f"- Load average (1 min) at start {m.get('load_start', 0):.2f}, at end "
            f"{run.load_end[0] if run.load_end else float('nan'):.2f} (other work shares these cores)",
