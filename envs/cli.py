@@ -52,7 +52,7 @@ def _data_config(args):
 
     return DataConfig(levels=args.levels, episodes=args.episodes, policy=args.policy, epsilons=args.epsilons,
                       horizon=args.horizon, seed=args.seed, policy_seed=args.policy_seed,
-                      samples_per_start=args.samples_per_start)
+                      samples_per_start=args.samples_per_start, branch_fraction=args.branch_fraction)
 
 
 def _train_config(args):
@@ -141,7 +141,7 @@ def cmd_eval_run(args) -> int:
         return 2
     config = EvalConfig(data=_data_config(args), train=_train_config(args), test=_test_config(args),
                         methods=methods, checkpoints=checkpoints, ns=args.ns, beams=args.beams, work=args.work,
-                        out=args.out, progress=not args.quiet)
+                        out=args.out, progress=not args.quiet, retrain=args.retrain)
     try:
         summary = run_pipeline(config, _command_line())
     except ValueError as exc:
@@ -181,6 +181,9 @@ def _add_data_flags(p) -> None:
     p.add_argument("--policy-seed", type=int, default=d.policy_seed, help="seed of the sampler's own randomness")
     p.add_argument("--samples-per-start", type=int, default=d.samples_per_start,
                    help=f"episodes sampled from each initial state [default: {d.samples_per_start}]")
+    p.add_argument("--branch-fraction", type=float, default=d.branch_fraction,
+                   help="share of episodes that get a branch point, where every other action is taken and the "
+                   f"sampler plays on (equal contrast between actions in one state) [default: {d.branch_fraction}]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -250,6 +253,8 @@ def register(subparsers) -> None:
     p.add_argument("--test-levels", type=_levels, default=h.levels,
                    help=f"comma-separated test levels, none of them a training level [default: {','.join(h.levels)}]")
     p.add_argument("--allow-seen-levels", action="store_true", help="allow test levels that are also training levels")
+    p.add_argument("--retrain", action="store_true", help="train every checkpoint again, even one in --work that the "
+                   "same command trained on the same data (reused by default: an interrupted run picks up)")
     p.add_argument("--test-episodes", type=int, default=h.episodes, help=f"test episodes per level [default: {h.episodes}]")
     p.add_argument("--test-seeds", type=_ints, default=(), help="exact test seeds, used on every test level "
                    "(overrides --test-episodes and --test-seed)")

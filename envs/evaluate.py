@@ -10,7 +10,9 @@ Contract:
   noisy ones put every action in every kind of state). `samples_per_start` consecutive episodes share one
   initial state (seed) and differ in the sampler's randomness (seeded by `policy_seed`, the episode seed and
   the sample), so the data holds different actions taken in the same states and what each led to: the
-  contrast a PRM needs to rank actions, not only states.
+  contrast a PRM needs to rank actions, not only states. With `branch_fraction` > 0, that share of episodes also
+  gets one branch point (`branches`): every action not taken there, each followed by the same sampler, so the
+  data holds all actions in that state in equal numbers (the base episodes are unchanged).
 - Test sets (`heldout_set`) are built on `HeldoutConfig.levels`, levels absent from the training mix by default
   (`HELDOUT_LEVELS`), with exact seeds (`HeldoutConfig.seeds`, or `episodes` seeds from `seed_base`), and any
   (level, seed) that occurs in the training file is skipped. For each test episode: `n_max` samples of the
@@ -76,6 +78,7 @@ class DataConfig:
     seed: int = 0  # episode seeds
     policy_seed: int = 0  # the sampler's own randomness
     samples_per_start: int = 4  # trajectories sampled from each initial state (episodes / this = distinct starts)
+    branch_fraction: float = 0.0  # share of episodes that get a branch point: every other action there, played on
 
     def check(self) -> None:
         if not self.levels:
@@ -88,6 +91,8 @@ class DataConfig:
             raise ValueError(f"epsilons must be in [0, 1], got {self.epsilons}")
         if self.horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {self.horizon}")
+        if not 0.0 <= self.branch_fraction <= 1.0:
+            raise ValueError(f"branch_fraction must be in [0, 1], got {self.branch_fraction}")
         for level in self.levels:
             CappedBabyAIEnv(level, self.horizon)
 
@@ -129,12 +134,46 @@ def collect(config: DataConfig, out: Path | str, progress: bool = True) -> dict:
                 first_state, sample = divmod(i, config.samples_per_start)
                 seed = episode_seed(config.seed, first_state)
                 policy_seed = derive_seed("policy", config.policy_seed, seed, sample)
-                rows.append(run_episode(env, policies[i % len(policies)], seed, policy_seed, {"sample": sample}))
+                policy = policies[i % len(policies)]
+                rows.append(run_episode(env, policy, seed, policy_seed, {"sample": sample}))
+                rows.extend(branches(env, policy, rows[-1], config.branch_fraction, policy_seed))
                 bar.update(1)
     write_jsonl(rows, Path(out))
     return {"out": str(out), "episodes": len(rows), "seconds": round(time.perf_counter() - start, 2),
             "env_steps": sum(len(r["steps"]) for r in rows), "success_rate": round(_mean(r["reward"] for r in rows), 4),
             "mean_length": round(_mean(len(r["steps"]) for r in rows), 2)}
+
+
+def branches(env: CappedBabyAIEnv, policy, trajectory: dict, fraction: float, policy_seed: int) -> list[dict]:
+    """With probability `fraction` (decided by a seed derived from the episode's), one branch point t drawn
+    uniformly in `trajectory`: for every valid action other than the one taken at t, the trajectory's first t
+    steps, that action, then the same sampler playing on. The data then holds every action taken in the same
+    state with what each led to, in equal numbers: the contrast that ranks actions, without the sampler's
+    bias (its random actions are mostly not "move forward", so on average they look worse than they are)."""
+    import random
+
+    rng = random.Random(derive_seed("branch", policy_seed))
+    if fraction <= 0.0 or rng.random() >= fraction:
+        return []
+    steps = trajectory["steps"]
+    t = rng.randrange(len(steps))
+    seed, prefix = trajectory["meta"]["seed"], steps[:t]
+    out = []
+    for action in env.valid_actions:
+        if action == steps[t]["action"]:
+            continue
+        observation = env.replay(seed, [s["action"] for s in prefix])
+        branch = [*prefix, {"observation": observation, "action": action}]
+        outcome = env.step(action)
+        policy.reset(derive_seed("branch", policy_seed, action))
+        while not outcome.done:  # bounded: the environment ends every episode after max_steps actions
+            action_next = policy.act(env)
+            branch.append({"observation": outcome.observation, "action": action_next})
+            outcome = env.step(action_next)
+        meta = {**trajectory["meta"], "success": outcome.success, "length": len(branch), "branch_t": t,
+                "branch_action": action}
+        out.append({"task": trajectory["task"], "steps": branch, "reward": float(outcome.reward), "meta": meta})
+    return out
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ Contract:
   `clients.local_server`; without a model it serves the shipped default).
 - `TrainConfig` holds the `agentprm train` settings every method shares (the comparison is fair); each method
   is trained once per seed in `seeds`. A given checkpoint (`--checkpoint METHOD=DIR`) replaces the first
-  seed's training after checking it was trained on the same rollouts.
+  seed's training after checking it was trained on the same rollouts. A checkpoint already in the work folder
+  that the same command trained on the same data (`trained_before`) is reused, so an interrupted run or one
+  that adds methods or seeds picks up where the last one stopped (`--retrain` trains everything again).
 - The summary keeps per-episode outcomes of every run, so per-level tables, means and spreads over seeds,
   and paired tests against every baseline are all computed from the same records (`envs.summary`).
 """
@@ -103,6 +105,24 @@ def check_trained_on(checkpoint: Path | str, data: Path | str) -> None:
                          "rebuild it from the same rollouts (make default-checkpoint) or leave it out")
 
 
+def trained_before(checkpoint: Path | str, data: Path | str, command: list[str]) -> bool:
+    """True if `checkpoint` is a complete, verified checkpoint that `command` trained on exactly `data`: an
+    interrupted or extended evaluation reuses it instead of training it again."""
+    from model_store.store import verify_checkpoint
+
+    if not (Path(checkpoint) / "manifest.json").is_file():
+        return False
+    recorded = manifest_of(checkpoint).get("training", {}).get("command") or ""
+    if [t for t in shlex.split(recorded) if t != "--no-progress"] != command:
+        return False
+    try:
+        check_trained_on(checkpoint, data)
+        verify_checkpoint(checkpoint)
+    except Exception:  # any doubt (other data, a damaged file): train again
+        return False
+    return True
+
+
 def checkpoint_facts(checkpoint: Path | str) -> dict:
     """What the report needs from a manifest: method, labelling cost, validation metrics, size."""
     m = manifest_of(checkpoint)
@@ -136,6 +156,7 @@ class EvalConfig:
     work: str = ".cache/babyai-eval"
     out: str = "results/babyai"
     progress: bool = True
+    retrain: bool = False  # False: a checkpoint in work/ trained by the same command on the same data is reused
 
 
 def evaluate_chooser(chooser, test: dict, config: EvalConfig, name: str, chooser_for_episode=None) -> dict:
@@ -185,6 +206,12 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
                 runs.append({"method": method, "seed": seed, "checkpoint": given, "reused": True})
                 continue
             ckpt = work / "checkpoints" / f"{method}-seed{seed}"
+            if not config.retrain and trained_before(ckpt, data_file,
+                                                     config.train.command(method, data_file, ckpt, seed)):
+                print(f"== train: {method} seed {seed}: reusing {ckpt} (same command, same data; --retrain to "
+                      "train again)", flush=True)
+                runs.append({"method": method, "seed": seed, "checkpoint": str(ckpt), "reused": True})
+                continue
             timed(f"train: {method} seed {seed}", train, method, data_file, ckpt, config.train, seed, None,
                   config.progress)
             runs.append({"method": method, "seed": seed, "checkpoint": str(ckpt), "reused": False})

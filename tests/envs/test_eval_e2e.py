@@ -89,3 +89,22 @@ def test_every_figure_is_a_rate_over_the_same_episodes_with_seed_spread_and_pair
         for k in NS:
             assert run_["rates"][f"bon@{k}"]["rate"] <= summary["baseline_rates"]["oracle"][f"bon@{k}"]["rate"]
     assert summary["baseline_rates"]["expert"]["success"]["rate"] == 1.0  # the bot solves these within 12 steps
+
+
+def test_a_checkpoint_is_reused_only_for_the_same_command_on_the_same_data(run, tmp_path):
+    """An interrupted or extended `eval run` picks up the checkpoints already trained in --work."""
+    from envs.pipeline import TrainConfig, trained_before
+
+    work, _, summary = run
+    data = work / "train.jsonl"
+    config = TrainConfig(layers=1, hidden=32, epochs=1, seeds=(0, 1))
+    for r in summary["runs"]:
+        ckpt = Path(r["checkpoint"])
+        assert trained_before(ckpt, data, config.command(r["method"], data, ckpt, r["seed"]))
+        other_seed = config.command(r["method"], data, ckpt, r["seed"] + 7)
+        assert not trained_before(ckpt, data, other_seed)
+    other_data = tmp_path / "train.jsonl"  # the same command, but the file's content is not what it trained on
+    other_data.write_text(data.read_text().splitlines()[0] + "\n")
+    ckpt = Path(summary["runs"][0]["checkpoint"])
+    assert not trained_before(ckpt, other_data, config.command("agentprm", data, ckpt, 0))
+    assert not trained_before(tmp_path / "missing", data, config.command("agentprm", data, tmp_path / "missing", 0))

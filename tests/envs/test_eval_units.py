@@ -14,6 +14,7 @@ pytest.importorskip("minigrid", reason="needs the envs extra (minigrid)")
 from clients.sdk import PRMClient  # noqa: E402
 from envs.evaluate import (CappedBabyAIEnv, DataConfig, HeldoutConfig, collect, env_from_meta,  # noqa: E402
                            heldout_episodes, read_jsonl)
+from envs.babyai import ACTIONS  # noqa: E402
 from envs.policies import ExpertPolicy, NoisyExpertPolicy  # noqa: E402
 from envs.rollout import episode_seed  # noqa: E402
 from envs.stats import paired_test, per_level, spread, wilson  # noqa: E402
@@ -69,6 +70,30 @@ def test_training_rollouts_cycle_epsilons_and_seed_the_policy_apart_from_the_epi
     moved = read_jsonl(other)
     assert [r["meta"]["seed"] for r in moved] == [r["meta"]["seed"] for r in rows]  # same episodes
     assert [r["steps"] for r in moved] != [r["steps"] for r in rows]  # other random actions
+
+
+def test_branch_points_add_every_other_action_in_the_same_state_and_leave_the_base_episodes_alone(tmp_path):
+    base_config = DataConfig(levels=(LEVEL,), episodes=4, epsilons=(0.3,), horizon=10)
+    collect(base_config, tmp_path / "base.jsonl", progress=False)
+    collect(DataConfig(levels=(LEVEL,), episodes=4, epsilons=(0.3,), horizon=10, branch_fraction=1.0),
+            tmp_path / "branched.jsonl", progress=False)
+    base, rows = read_jsonl(tmp_path / "base.jsonl"), read_jsonl(tmp_path / "branched.jsonl")
+    assert [r for r in rows if "branch_t" not in r["meta"]] == base  # the base data is unchanged
+    branched = [r for r in rows if "branch_t" in r["meta"]]
+    assert len(branched) == 4 * 5  # one branch point per episode, the five actions not taken there
+    for parent in base:
+        kids = [r for r in branched if r["meta"]["seed"] == parent["meta"]["seed"]
+                and r["meta"]["sample"] == parent["meta"]["sample"]]
+        t = kids[0]["meta"]["branch_t"]
+        assert {k["steps"][t]["action"] for k in kids} | {parent["steps"][t]["action"]} == set(ACTIONS)
+        for kid in kids:  # same history and observation up to t; the outcome is what the environment says
+            assert kid["steps"][:t] == parent["steps"][:t]
+            assert kid["steps"][t]["observation"] == parent["steps"][t]["observation"]
+            env = env_from_meta(kid["meta"])
+            env.replay(kid["meta"]["seed"], [s["action"] for s in kid["steps"]])
+            assert env.done and env.last_outcome.reward == kid["reward"] and len(kid["steps"]) <= 10
+    with pytest.raises(ValueError, match="branch_fraction"):
+        DataConfig(branch_fraction=1.5).check()
 
 
 def test_heldout_episodes_take_exact_seeds_and_skip_training_pairs(tmp_path):
