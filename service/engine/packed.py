@@ -121,10 +121,14 @@ class PackedQwen2:
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, hd]
         self._cos, self._sin = emb.cos(), emb.sin()  # fp32: RoPE runs on the fp32 q and k
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """RMSNorm of the fp32 residual, computed in fp32; the result written in `out_dtype` (the projections'
+        dtype) by the last multiply itself, not by a separate cast."""
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)  # x is the fp32 residual: an fp32 result whatever the weight's dtype
+        if out_dtype is None or out_dtype == x32.dtype:
+            return weight * x32
+        return torch.mul(x32, weight, out=torch.empty(x32.shape, dtype=out_dtype, device=x32.device))
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -190,7 +194,7 @@ class PackedQwen2:
         x = self.embed[ids].float()  # [N, H], the residual stream
         kept = []
         for li, layer in enumerate(self.layers):
-            h = self._rms(x, layer.ln1).to(wdt)
+            h = self._rms(x, layer.ln1, wdt)
             qkv = layer.qkv(h)  # [N, (nh + 2 kvh) hd]
             q = self._rotate(qkv[:, :q_size].float().view(n, nh, hd), cos, sin)  # [N, nh, hd]
             k = self._rotate(qkv[:, q_size:q_size + kv_size].float().view(n, kvh, hd), cos, sin)  # [N, kvh, hd]
@@ -212,8 +216,8 @@ class PackedQwen2:
                 else:
                     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=gqa)
                 out[lo:hi] = o[0].transpose(0, 1)
-            x = x + layer.o(out.view(n, q_size).to(wdt)).float()
-            h = self._rms(x, layer.ln2).to(wdt)
+            x.add_(layer.o(out.view(n, q_size).to(wdt)))  # in place: the bf16 output is widened in the add
+            h = self._rms(x, layer.ln2, wdt)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up).float()
+            x.add_(layer.down(F.silu(gate) * up))
         return self._rms(x, self.norm), (kept if keep_kv else None)
