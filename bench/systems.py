@@ -231,7 +231,7 @@ class Vllm(System):
                                      dtype=self.dtype or "float32")
         self.vserver.start()
         try:
-            self.info["start_s"] = round(self.vserver.wait_ready(timeout_s=600), 1)
+            self.info["start_s"] = round(self.vserver.wait_ready(timeout_s=1200), 1)  # compiles on a busy machine took 7-9 min
         except BaseException:
             self.vserver.stop()
             raise
