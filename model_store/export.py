@@ -48,24 +48,28 @@ def train_tokenizer(markers: list[str], vocab_size: int = 512, corpus: str = _CO
     return tokenizer
 
 
-def save_tokenizer(tokenizer, out: Path, template: Template) -> None:
+def save_tokenizer(tokenizer, out: Path, template: Template, source_config: dict | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
-    # Minimal Hugging Face sidecar so transformers' PreTrainedTokenizerFast can load the folder too.
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": PAD_TOKEN,
-        "additional_special_tokens": template.markers(),
-        "model_max_length": 1_000_000,
-    }
+    # Minimal Hugging Face sidecar so transformers' PreTrainedTokenizerFast can load the folder too. An imported
+    # model keeps its own sidecar fields (bos/eos tokens, chat template) under ours.
+    config = {**(source_config or {}),
+              "tokenizer_class": "PreTrainedTokenizerFast",
+              "model_max_length": 1_000_000}
+    if template.kind == "marker":
+        config.update(pad_token=PAD_TOKEN, additional_special_tokens=template.markers())
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_checkpoint(out: Path | str, *, name: str, version: str, backbone: torch.nn.Module,
-                    value_head: torch.nn.Linear, tokenizer, template: Template, max_seq_len: int,
+                    value_head: torch.nn.Module, tokenizer, template: Template, max_seq_len: int,
                     training: TrainingInfo | dict | None = None, activation: str = "sigmoid",
-                    overwrite: bool = False) -> Manifest:
-    """Write a complete checkpoint directory (weights in fp32 safetensors, manifest with checksums)."""
+                    overwrite: bool = False, head_spec: ValueHeadSpec | None = None,
+                    tokenizer_config: dict | None = None) -> Manifest:
+    """Write a complete checkpoint directory (weights in fp32 safetensors, manifest with checksums).
+
+    `head_spec` describes a head other than the linear default (model_store/heads.py); its tensors are the
+    head module's state dict."""
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -82,17 +86,16 @@ def save_checkpoint(out: Path | str, *, name: str, version: str, backbone: torch
         config.pop("dtype", None)
         config.pop("torch_dtype", None)
         (backbone_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        head = {"weight": value_head.weight.detach().to("cpu", torch.float32).contiguous(),
-                "bias": value_head.bias.detach().to("cpu", torch.float32).contiguous()}
+        head = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in value_head.state_dict().items()}
         save_file(head, str(tmp / "value_head.safetensors"))
-        save_tokenizer(tokenizer, tmp / "tokenizer", template)
+        save_tokenizer(tokenizer, tmp / "tokenizer", template, tokenizer_config)
         if isinstance(training, dict):
             training = TrainingInfo.model_validate(training)
         manifest = Manifest(
             name=name,
             version=str(version),
             backbone={"architecture": type(backbone).__name__, "config": config},
-            value_head=ValueHeadSpec(in_features=backbone.config.hidden_size, activation=activation),
+            value_head=head_spec or ValueHeadSpec(in_features=backbone.config.hidden_size, activation=activation),
             template=template,
             dtype="float32",
             max_seq_len=max_seq_len,

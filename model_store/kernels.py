@@ -123,9 +123,73 @@ def kernel_for(hidden: torch.Tensor, weight: torch.Tensor) -> str:
     return "triton"
 
 
+def _fall_back(reason: str) -> None:
+    global _active
+    if _active == "triton":
+        log.warning("value-head kernel: Triton is unusable here, falling back to torch for every readout: %s", reason)
+    _active = "torch"
+
+
+def probe_triton(device: torch.device | str, hidden_size: int = 64, dtype: torch.dtype = torch.float32) -> str:
+    """Compile and run the Triton kernel once on `device` (at start-up) and check it against the reference.
+
+    Importing `triton` proves nothing: the first launch builds a C launcher, which needs a C compiler and the
+    Python headers (the GPU image must carry both). If the build or the run fails, or the result is wrong,
+    the selection falls back to torch with one warning, so every later batch takes the reference path
+    instead of raising. Returns the kernel in use afterwards ("torch" or "triton")."""
+    device = torch.device(device)
+    if _active != "triton" or not (device.type == "cuda" or interpreting()):
+        return _active
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, hidden_size, generator=g).to(device, dtype)  # [7, H]
+    index = torch.tensor([0, 3, 6], device=device)  # [3]
+    weight = torch.randn(1, hidden_size, generator=g).to(device, torch.float32)  # [1, H]
+    bias = torch.randn(1, generator=g).to(device, torch.float32)
+    try:
+        got = _load_triton()(hidden, index, weight, bias)
+        expected = value_head_readout_ref(hidden, index, weight, bias)
+        if not torch.allclose(got, expected, atol=1e-4, rtol=1e-4):
+            raise RuntimeError(f"the kernel's logits differ from the reference by {(got - expected).abs().max():.2e}")
+    except Exception as exc:  # any failure to build or run the kernel: the torch path is always correct
+        _fall_back(f"{type(exc).__name__}: {exc}")
+    return _active
+
+
+# Readout counts that reach every BLOCK_N block_sizes() picks (it halves BLOCK_N until >= 128 programs), each
+# as a multiple of 16 and not (Triton specialises integer arguments on divisibility by 16), and N = 1.
+WARM_READOUTS = (1, 16, 17, 256, 257, 512, 513, 1024, 1025, 2048, 2049)
+
+
+def warm_triton(device: torch.device | str, hidden_size: int, dtype: torch.dtype) -> int:
+    """Compile the kernel variants live requests will need before the first one arrives (start-up).
+
+    Triton compiles one binary per block-size pair and per integer specialisation (a size of 1, a multiple
+    of 16, anything else): readout counts that cover every BLOCK_N `block_sizes` picks, in both
+    specialisations, over row counts of both kinds. Returns the number of launches (0 when not on Triton)."""
+    device = torch.device(device)
+    if _active != "triton" or device.type != "cuda":
+        return 0
+    counts = WARM_READOUTS
+    weight = torch.zeros(1, hidden_size, device=device, dtype=torch.float32)  # [1, H]: the head is fp32
+    bias = torch.zeros(1, device=device, dtype=torch.float32)
+    launches = 0
+    for rows in (max(counts) + 16 - max(counts) % 16, max(counts) + 1):  # a multiple of 16, and not
+        hidden = torch.zeros(rows, hidden_size, device=device, dtype=dtype)  # [R, H]
+        for n in counts:
+            value_head_readout(hidden, torch.arange(n, device=device), weight, bias)
+            launches += 1
+    torch.cuda.synchronize(device)
+    return launches
+
+
 def value_head_readout(hidden: torch.Tensor, flat_index: torch.Tensor, weight: torch.Tensor,
                        bias: torch.Tensor) -> torch.Tensor:
     """Dispatch: hidden [R, H], flat_index [N], weight [1, H], bias [1] -> float32 logits [N]."""
     if kernel_for(hidden, weight) == "triton":
-        return _load_triton()(hidden, flat_index, weight, bias)
+        try:
+            return _load_triton()(hidden, flat_index, weight, bias)
+        except (ValueError, TypeError, IndexError):
+            raise  # bad input: the caller's error, not the kernel's
+        except Exception as exc:  # a launcher that cannot be built (no compiler), a driver error: fall back once
+            _fall_back(f"{type(exc).__name__}: {exc}")
     return value_head_readout_ref(hidden, flat_index, weight, bias)

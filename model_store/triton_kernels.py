@@ -15,6 +15,8 @@ which poisons the CUDA context; a synchronising check per call would cost a roun
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,10 @@ def _value_head_readout_kernel(hidden_ptr, index_ptr, weight_ptr, bias_ptr, out_
     # interpreter's fp32 -> bf16 cast truncates where the compiled one rounds, so tests could not pin it.
     logits = tl.where(in_bounds, acc + bias, float("nan"))
     tl.store(out_ptr + rows, logits, mask=out_mask)
+
+
+def _no_device_change():
+    return contextlib.nullcontext()
 
 
 def block_sizes(n_readouts: int, hidden_size: int) -> tuple[int, int]:
@@ -111,6 +117,8 @@ def value_head_readout_triton(hidden: torch.Tensor, flat_index: torch.Tensor, we
     block_n, block_h = block_sizes(n, hidden.shape[1])
     grid = (triton.cdiv(n, block_n),)
     rows, size = hidden.shape
-    _value_head_readout_kernel[grid](hidden, flat_index, weight, bias, out, n, rows, size, hidden.stride(0),
-                                     BLOCK_N=block_n, BLOCK_H=block_h, num_warps=4)
+    # Triton launches on the current CUDA device: a tensor on cuda:1 needs cuda:1 current (a no-op when it is).
+    with torch.cuda.device(hidden.device) if hidden.is_cuda else _no_device_change():
+        _value_head_readout_kernel[grid](hidden, flat_index, weight, bias, out, n, rows, size, hidden.stride(0),
+                                         BLOCK_N=block_n, BLOCK_H=block_h, num_warps=4)
     return out

@@ -3,7 +3,15 @@
 `export_for_vllm(checkpoint_dir, out_dir, arch=...)` verifies the checkpoint (model_store sha256 check) and
 writes config.json, model.safetensors (fp32), the tokenizer and `agentprm_vllm.json` (marker ids, arch).
 The layouts (`ARCHS`) and how our value head is embedded in each are described in bench/vllm_peer.py, which
-serves the export as the benchmark's vLLM peer. This module imports neither vllm nor the service.
+serves the export as the benchmark's vLLM peer. `agentprm model export --format vllm` runs it and prints
+`vllm_serve_command`: vLLM's STEP pooling at the step tag reproduces our per-step promises.
+
+Head kinds (model_store/heads.py): linear2 and lm_pair heads are exported as the one-output head they equal
+(w_pos - w_neg, b_pos - b_neg: sigmoid of it is their softmax); a normalisation is folded into the weights
+((w.h + b - mean) / std); an identity activation turns vLLM's activation off. An mlp head with two outputs
+(Qwen2.5-Math-PRM) goes out as is in the `prm` layout. Native templates export their step tag's last token
+as the STEP tag (`end_id`); their V_0 readout has no fixed token (`state_id` may be null).
+This module imports neither vllm nor the service.
 """
 
 from __future__ import annotations
@@ -37,17 +45,50 @@ class VllmExport:
     path: Path
     arch: str            # key of ARCHS
     architecture: str    # the HF architecture name written to config.json
-    end_id: int          # action_end (<|end|>) token id: the STEP tag
-    state_id: int        # state_end (<|state|>) token id: the V_0 readout
+    end_id: int          # action_end (<|end|>) token id, or a native template's step tag: the STEP tag
+    state_id: int | None  # state_end (<|state|>) token id: the V_0 readout (None: not on a fixed token)
     hidden_size: int
     max_seq_len: int
+    activation: bool = True  # whether vLLM applies its activation (sigmoid / softmax); False: raw logits
 
     @classmethod
     def load(cls, path: Path | str) -> "VllmExport":
         path = Path(path).resolve()  # vLLM takes a relative path for a hub repo id
         meta = json.loads((path / META_FILE).read_text())
         return cls(path=path, arch=meta["arch"], architecture=meta["architecture"], end_id=meta["end_id"],
-                   state_id=meta["state_id"], hidden_size=meta["hidden_size"], max_seq_len=meta["max_seq_len"])
+                   state_id=meta["state_id"], hidden_size=meta["hidden_size"], max_seq_len=meta["max_seq_len"],
+                   activation=meta.get("activation", True))
+
+
+def vllm_serve_command(export: VllmExport, pooling: str = "step") -> str:
+    """The `vllm serve` line whose per-step outputs are our promises (STEP pooling at the step tag, fp32)."""
+    import shlex
+
+    if pooling == "step":
+        pooler = {"pooling_type": "STEP", "step_tag_id": export.end_id, "use_activation": export.activation}
+    else:
+        pooler = {"pooling_type": "ALL", "use_activation": export.activation}
+    args = ["vllm", "serve", str(export.path), "--runner", "pooling", "--dtype", "float32",
+            "--max-model-len", str(export.max_seq_len), "--pooler-config", json.dumps(pooler, separators=(",", ":"))]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _scalar_head(manifest, head: dict, hidden: int):
+    """The value head as one output (weight [1, H], bias [1], fp32), normalisation folded in; None for an mlp."""
+    import torch
+
+    spec = manifest.value_head
+    if spec.kind == "mlp":
+        return None
+    weight, bias = head["weight"].to(torch.float32), head["bias"].to(torch.float32)
+    if spec.kind in ("linear2", "lm_pair"):  # rows (negative, positive): sigmoid(l_pos - l_neg) = softmax
+        weight, bias = (weight[1] - weight[0]).unsqueeze(0), (bias[1] - bias[0]).reshape(1)
+    if tuple(weight.shape) != (1, hidden) or tuple(bias.shape) != (1,):
+        raise VllmExportError(f"value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, {hidden}), (1,)")
+    if spec.normalisation is not None:
+        n = spec.normalisation
+        weight, bias = weight / n.std, (bias - n.mean) / n.std
+    return weight, bias
 
 
 def _relu_embedded_head(weight, bias, hidden: int, labels: int):
@@ -91,25 +132,35 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
 
     from tokenizers import Tokenizer
 
+    from model_store.render import make_renderer
+
     tokenizer = Tokenizer.from_file(str(src / "tokenizer" / "tokenizer.json"))
-    end_id = tokenizer.token_to_id(manifest.template.action_end)
-    state_id = tokenizer.token_to_id(manifest.template.state_end)
-    if end_id is None or state_id is None:
-        raise VllmExportError(f"{src}: the template markers are not tokens of the tokenizer")
+    try:
+        renderer = make_renderer(tokenizer, manifest.template)
+    except ValueError as exc:
+        raise VllmExportError(f"{src}: {exc}") from None
+    end_id, state_id = renderer.end_id, renderer.state_id
 
     weights: dict = {}
     for file in sorted((src / "backbone").glob("*.safetensors")):
         weights.update({f"model.{k}": v.to(torch.float32).contiguous() for k, v in load_file(str(file)).items()})
     head = load_file(str(src / "value_head.safetensors"))
-    weight, bias = head["weight"].to(torch.float32), head["bias"].to(torch.float32)
-    if tuple(weight.shape) != (1, hidden) or tuple(bias.shape) != (1,):
-        raise VllmExportError(f"value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, {hidden}), (1,)")
-    if arch in ("token_classify", "seq_cls"):
-        weights["score.weight"], weights["score.bias"] = weight.contiguous(), bias.contiguous()
+    scalar = _scalar_head(manifest, head, hidden)
+    spec = manifest.value_head
+    if scalar is None:  # an mlp head: only the prm layout (Linear-ReLU-Linear(H, 2), softmax) is the same function
+        if arch != "prm" or spec.out_features != 2 or spec.hidden_features != hidden or spec.normalisation:
+            raise VllmExportError(f"{src}: an mlp head exports only as --arch prm, with an H x H first layer, two "
+                                  "outputs and no normalisation (Qwen2.5-Math-PRM's layout)")
+        weights.update({"score.0.weight": head["fc1.weight"], "score.0.bias": head["fc1.bias"],
+                        "score.2.weight": head["fc2.weight"], "score.2.bias": head["fc2.bias"]})
+        labels = 2
+    elif arch in ("token_classify", "seq_cls"):
+        weights["score.weight"], weights["score.bias"] = scalar[0].contiguous(), scalar[1].contiguous()
         labels = 1
     else:
         labels = 2 if arch == "prm" else 1
-        weights.update(_relu_embedded_head(weight, bias, hidden, labels))
+        weights.update(_relu_embedded_head(scalar[0], scalar[1], hidden, labels))
+    weights = {k: v.to(torch.float32).contiguous() for k, v in weights.items()}
 
     for key in ("architectures", "auto_map", "dtype", "torch_dtype", "_name_or_path", "id2label", "label2id",
                 "problem_type"):
@@ -135,6 +186,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
         meta = {"arch": arch, "architecture": ARCHS[arch], "end_id": end_id, "state_id": state_id,
                 "hidden_size": hidden, "max_seq_len": manifest.max_seq_len,
+                "activation": spec.activation == "sigmoid",
                 "source": {"name": manifest.name, "version": manifest.version, "path": str(src.resolve())}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The `agentprm` command line: serve, score, model {init-random, verify, list}, and subcommands that other
+"""The `agentprm` command line: serve, score, model {init-random, verify, list, import, export}, and subcommands that other
 packages register (`train` from training.cli, `rollout`/`eval` from envs.cli, `bench` from bench.cli).
 
 Errors a user can cause (bad paths, bad checkpoints, bad input files) print one line and exit 2.
@@ -18,6 +18,8 @@ from model_store.store import CheckpointError
 from service.engine.types import AGGREGATES, DEFAULT_AGGREGATE, DEFAULT_MODEL_ALIAS
 
 PLUGINS = ("training.cli", "envs.cli", "bench.cli")
+# model_store.importers.KINDS, written here too so `--help` does not import torch.
+IMPORT_KINDS = ("qwen-prm", "skywork", "trl", "openrlhf", "trl-prm", "seq-cls", "math-shepherd", "rlhflow")
 
 
 class UserError(Exception):
@@ -261,13 +263,43 @@ def cmd_model_import(args) -> int:
     from model_store.importers import import_value_model
 
     try:
-        manifest = import_value_model(args.src, args.out, name=args.name, version=args.version, kind=args.kind,
-                                      activation=args.activation, max_seq_len=args.max_seq_len,
-                                      overwrite=args.overwrite)
+        done = import_value_model(args.src, args.out, name=args.name, version=args.version, kind=args.kind,
+                                  activation=args.activation, max_seq_len=args.max_seq_len,
+                                  overwrite=args.overwrite, step_separator=args.step_separator,
+                                  system_prompt=args.system_prompt)
     except FileExistsError:
         raise UserError(f"{args.out} already exists (pass --overwrite to replace it)") from None
-    print(f"imported {args.src} as {manifest.ref} ({manifest.training.method}, "
-          f"activation {manifest.value_head.activation}) to {args.out}")
+    m = done.manifest
+    head = m.value_head
+    print(f"{'detected' if done.detected else 'forced'} kind {done.kind}: {done.reason}")
+    norm = f", normalisation (x - {head.normalisation.mean}) / {head.normalisation.std}" if head.normalisation else ""
+    tokens = f", tokens {head.tokens}" if head.tokens else ""
+    print(f"head: {head.kind} ({head.out_features} output(s){tokens}), activation {head.activation}{norm}")
+    if m.template.kind == "native":
+        t = m.template
+        print(f"template: native ({t.family}): preamble {t.preamble!r}, task {t.task_format!r} + {t.task_suffix!r}, "
+              f"steps {t.first_step_format!r} / {t.step_prefix!r} + {t.step_format!r}, readout at the last token "
+              f"of {t.step_tag!r}, then {t.step_suffix!r}")
+        print(f"tokenization: {done.tokenization_check}")
+    else:
+        print("template: marker (ours): the head has never seen it; fine-tune before trusting its scores")
+    print(f"imported {args.src} as {m.ref} ({m.training.method}) to {args.out}")
+    return 0
+
+
+def cmd_model_export(args) -> int:
+    from model_store.vllm_export import VllmExportError, export_for_vllm, vllm_serve_command
+
+    path, _ = resolve_model(args.checkpoint, args.store)
+    try:
+        exported = export_for_vllm(path, args.out, arch=args.arch, overwrite=args.overwrite)
+    except FileExistsError:
+        raise UserError(f"{args.out} already exists (pass --overwrite to replace it)") from None
+    except (VllmExportError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {exported.path} ({exported.architecture}; step tag id {exported.end_id})")
+    print("serve it with:")
+    print("  " + vllm_serve_command(exported))
     return 0
 
 
@@ -309,17 +341,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint path or name[:version]")
     p.add_argument("--store", default=None)
     p.set_defaults(func=cmd_model_verify)
-    p = model.add_parser("import", help="convert a Hugging Face value-head model (TRL, OpenRLHF, seq-cls)")
+    p = model.add_parser("import", help="convert a Hugging Face reward / process-reward model (README: 'Serving "
+                                        "public PRMs')")
     p.add_argument("src", help="Hugging Face folder: config.json, *.safetensors, tokenizer.json")
     p.add_argument("out")
     p.add_argument("--name", required=True)
     p.add_argument("--version", default="1")
-    p.add_argument("--kind", default="auto", choices=["auto", "seq-cls", "openrlhf", "trl"])
+    p.add_argument("--kind", default="auto", choices=["auto", *IMPORT_KINDS],
+                   help="the source's family (default: detected from its tensor names and config)")
     p.add_argument("--activation", default=None, choices=["sigmoid", "identity"],
-                   help="default: sigmoid for seq-cls/openrlhf, identity for trl")
+                   help="default: identity for trl, sigmoid for every other kind")
+    p.add_argument("--step-separator", default="\n", help="trl-prm: the PRMTrainer step_separator [default: newline]")
+    p.add_argument("--system-prompt", default=None,
+                   help="qwen-prm: the system turn [default: Qwen2.5-Math-PRM's own]")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_model_import)
+    p = model.add_parser("export", help="write a checkpoint in another runtime's format (vLLM) and print how to "
+                                        "serve it")
+    p.add_argument("checkpoint", help="checkpoint path or name[:version]")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--format", default="vllm", choices=["vllm"], help="target runtime [default: %(default)s]")
+    p.add_argument("--arch", default="token_classify", choices=["token_classify", "prm", "reward"],
+                   help="vLLM layout (model_store/vllm_export.py) [default: %(default)s]")
+    p.add_argument("--store", default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_model_export)
     p = model.add_parser("list", help="list the checkpoints of a store")
     p.add_argument("--store", default=None)
     p.set_defaults(func=cmd_model_list)

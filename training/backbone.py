@@ -162,6 +162,10 @@ def initialize(init: str | None, corpus: str, max_seq_len: int, base_rate: float
             out = _from_scratch(config, corpus, size, template, max_seq_len, f"config:{path}")
         elif (path / MANIFEST_FILE).is_file():
             loaded = load_prm(path, device="cpu", dtype=torch.float32)
+            head, tpl = loaded.manifest.value_head.kind, loaded.manifest.template.kind
+            if head != "linear" or tpl != "marker":  # an imported public PRM (README, "Serving public PRMs")
+                raise InitError(f"{path}: a {head} head with a {tpl} template is served as imported; training "
+                                "continues linear heads on marker templates only")
             if loaded.manifest.max_seq_len < max_seq_len:
                 raise InitError(f"{path}: the checkpoint's max_seq_len is {loaded.manifest.max_seq_len}, "
                                 f"below --max-seq-len {max_seq_len}")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -196,7 +197,14 @@ class DistInfo:
         return self.world > 1
 
 
-def init_distributed(device: str = "auto", init_method: str = "env://") -> DistInfo:
+# Rank 0 alone labels (MC rollouts) while the other ranks wait in a broadcast: far longer than the default
+# group's timeout (NCCL: 10 minutes). Objects travel on a gloo group of their own with this timeout instead.
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)
+_control_group = None
+
+
+def init_distributed(device: str = "auto", init_method: str = "env://",
+                     timeout: datetime.timedelta | None = None) -> DistInfo:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK).
 
     gloo on CPU, nccl on GPU. A single process (no WORLD_SIZE, or 1) needs no process group. `init_method`
@@ -213,18 +221,51 @@ def init_distributed(device: str = "auto", init_method: str = "env://") -> DistI
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank, world_size=world)
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank, world_size=world,
+                                **({"timeout": timeout} if timeout is not None else {}))
+    _make_control_group()
     return DistInfo(rank, world, local_rank)
 
 
+def _make_control_group() -> None:
+    """A gloo group beside the default one (collective: every rank calls it once), for objects and waits."""
+    global _control_group
+    import torch.distributed as dist
+
+    default = dist.distributed_c10d._get_default_group()
+    if _control_group is None or _control_group[0] is not default:  # none yet, or made for a destroyed group
+        _control_group = (default, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+
+
+def _control() -> "object | None":
+    """The control group of the current default group, or None (the default group) when none was made for it."""
+    import torch.distributed as dist
+
+    if _control_group is None or _control_group[0] is not dist.distributed_c10d._get_default_group():
+        return None
+    return _control_group[1]
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor for a collective on `group` must live, read from the group's backend: NCCL reduces only
+    CUDA tensors (on the current device), gloo (and a "cpu:gloo,cuda:nccl" pair) takes CPU tensors."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def broadcast_object(obj, info: DistInfo):
-    """`obj` of rank 0 on every process."""
+    """`obj` of rank 0 on every process, over the gloo control group (CPU, long timeout: rank 0 may be busy
+    labelling for hours while the others wait here)."""
     if not info.enabled:
         return obj
     import torch.distributed as dist
 
     box = [obj if info.main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_control())
     return box[0]
 
 
@@ -421,7 +462,8 @@ class Trainer:
         real = len(groups)
         if self.sharded:  # every forward gathers weights collectively: all processes must run as many
             groups += [groups[0][:1]] * (_max_over_processes(len(groups)) - len(groups))  # weighted 0 below
-        sums = torch.zeros(3, dtype=torch.float64)  # q_sum, a_sum, tokens of this process
+        # q_sum, a_sum, tokens of this process; on the device the default group reduces (NCCL: CUDA only)
+        sums = torch.zeros(3, dtype=torch.float64, device=collective_device() if info.enabled else "cpu")
         for j, group in enumerate(groups):
             sync = j == len(groups) - 1 or not info.enabled
             with self._accumulating(sync):
@@ -437,7 +479,8 @@ class Trainer:
                     loss = loss + c.beta * terms.a_sum / a_total
                 (loss * (info.world if j < real else 0.0)).backward()
             if j < real:
-                sums += torch.tensor([terms.q_sum.item(), terms.a_sum.item(), batch.tokens], dtype=torch.float64)
+                sums += torch.tensor([terms.q_sum.item(), terms.a_sum.item(), batch.tokens], dtype=torch.float64,
+                                     device=sums.device)
         grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], c.grad_clip))) if c.grad_clip > 0 else float("nan")
         lr = optimizer.param_groups[0]["lr"]
@@ -599,7 +642,7 @@ class Trainer:
 def _max_over_processes(value: int) -> int:
     import torch.distributed as dist
 
-    box = torch.tensor([value])
+    box = torch.tensor([value], device=collective_device())
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box)
 

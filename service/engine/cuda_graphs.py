@@ -25,7 +25,10 @@ How a pass runs in a graph:
 
 Off on the CPU: constructing it for a non-CUDA device (or without CUDA) gives a disabled runner whose
 `maybe_run` always returns None. `emulate=True` runs the same static-buffer path eagerly without capture
-(a testing aid, so the bucketing, padding and remapping are tested on the CPU). A capture that fails
+(a testing aid, so the bucketing, padding and remapping are tested on the CPU). The emulation keeps graph
+semantics: each bucket's outputs (promises and KV) live in buffers allocated once and overwritten by every
+later run of that bucket, so a caller that holds a view across calls fails a CPU test as it would fail on
+a GPU. A capture that fails
 (an op that cannot be captured) disables the runner with a logged warning: the service stays eager.
 """
 
@@ -52,6 +55,19 @@ def default_buckets(max_batch: int = 8, lengths: tuple[int, ...] = (64, 128, 256
         batches.append(b)
         b *= 2
     return [(b, t) for b in batches for t in lengths]
+
+
+SERVING_BATCHES = (1, 2, 4, 8, 16)
+SERVING_LENGTHS = (32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # steps of 1.5x: at most 1.5x padding
+
+
+def serving_buckets(max_tokens: int = 4096, batches: tuple[int, ...] = SERVING_BATCHES,
+                    lengths: tuple[int, ...] = SERVING_LENGTHS) -> list[Bucket]:
+    """The engine's buckets: lengths in steps of 1.5x up to 1024 (powers of two padded up to ~2x), batches up
+    to 16, every bucket within `max_tokens` tokens. Each bucket keeps its KV output in static memory, so the
+    sum of B*T over the buckets (~51k tokens here: ~0.6 GB for a 0.5B model, ~2.9 GB for a 7B one in bf16) is
+    the graphs' standing cost."""
+    return check_buckets([(b, t) for b in batches for t in lengths if b * t <= max_tokens])
 
 
 def check_buckets(buckets) -> list[Bucket]:
@@ -121,6 +137,17 @@ class GraphRunner:
             self._build()
 
     @property
+    def _causal_only(self) -> dict | None:
+        """The per-layer-type mask mapping transformers accepts in place of a mask: None for every full-attention
+        layer, so SDPA runs with is_causal=True (FlashAttention) inside the graph as it does eagerly. Left to
+        transformers, a capture counts as tracing in some releases and materialises a [B, 1, T, T] mask (another
+        kernel, other rounding than eager). None (transformers decides) for models with other layer types."""
+        types = getattr(getattr(self.model.backbone, "config", None), "layer_types", None)
+        if not types or any(t != "full_attention" for t in types):
+            return None
+        return {"full_attention": None}
+
+    @property
     def enabled(self) -> bool:
         return self.disabled_reason is None
 
@@ -141,12 +168,13 @@ class GraphRunner:
 
     # -- the captured pass ----------------------------------------------------------------------------
     def _step(self, ids: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, KV | None]:
+        mask = self._causal_only
         if not self.with_kv:
-            hidden, _ = self.model.hidden_states(ids)  # [B, T, H]
+            hidden, _ = self.model.hidden_states(ids, attention_mask=mask)  # [B, T, H]
             return self.model.readout(hidden, index), None  # [R]
         from transformers import DynamicCache
 
-        hidden, cache = self.model.hidden_states(ids, past_key_values=DynamicCache())  # [B, T, H]
+        hidden, cache = self.model.hidden_states(ids, attention_mask=mask, past_key_values=DynamicCache())  # [B, T, H]
         return self.model.readout(hidden, index), [(layer.keys, layer.values) for layer in cache.layers]
 
     def eager(self, input_ids: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
@@ -165,9 +193,11 @@ class GraphRunner:
         start_reserved = torch.cuda.memory_reserved(self.device)
         start = time.perf_counter()
         try:
-            with torch.inference_mode():
+            # Captures, side streams and the pool belong to self.device, not to whatever device is current.
+            with torch.inference_mode(), torch.cuda.device(self.device):
+                side = torch.cuda.Stream(self.device)  # one warm-up stream for every bucket: each holds memory
                 for bucket in order:
-                    self._capture(bucket, pool, start_reserved)
+                    self._capture(bucket, pool, start_reserved, side)
         except Exception as exc:  # eager stays correct; a capture failure must not take the service down
             self._graphs.clear()
             self.disabled_reason = f"capture failed ({type(exc).__name__}: {exc})"
@@ -187,10 +217,9 @@ class GraphRunner:
         index = torch.zeros(self._readouts(bucket), dtype=torch.long, device=self.device)  # [R]
         return _Graph(ids=ids, index=index, out=None, kv=None, graph=None)
 
-    def _capture(self, bucket: Bucket, pool, start_reserved: int) -> None:
+    def _capture(self, bucket: Bucket, pool, start_reserved: int, side) -> None:
         t0 = time.perf_counter()
         static = self._buffers(bucket)
-        side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
@@ -207,6 +236,21 @@ class GraphRunner:
         self.stats.append(stats)
         log.info("cuda graphs: bucket %s (readouts %d) captured in %.3f s, pool %.1f MiB",
                  bucket, stats.readouts, stats.seconds, stats.pool_bytes / 2**20)
+
+    def _emulate_replay(self, static: _Graph) -> None:
+        """Run the pass eagerly and write its outputs into the bucket's static buffers, allocated on the first
+        run and reused by every later one, as a replay overwrites the memory its capture assigned. A caller
+        that keeps a view of the outputs past the next call on this runner sees them change, on the CPU too."""
+        out, kv = self._step(static.ids, static.index)
+        if static.out is None:
+            static.out = out.clone()  # [R]
+            static.kv = None if kv is None else [(k.clone(), v.clone()) for k, v in kv]
+            return
+        static.out.copy_(out)
+        if kv is not None:
+            for (k_static, v_static), (k, v) in zip(static.kv, kv):
+                k_static.copy_(k)
+                v_static.copy_(v)
 
     # -- replay -----------------------------------------------------------------------------------------
     def maybe_run(self, input_ids: torch.Tensor, flat_index) -> torch.Tensor | None:
@@ -243,9 +287,10 @@ class GraphRunner:
             static.ids[:batch, :length].copy_(input_ids)
             static.index[:n].copy_(index)
             if static.graph is not None:
-                static.graph.replay()
-            else:  # emulation: the same buffers, run eagerly
-                static.out, static.kv = self._step(static.ids, static.index)
+                with torch.cuda.device(self.device):
+                    static.graph.replay()
+            else:
+                self._emulate_replay(static)
             self.replays += 1
             promises = static.out[:n].clone()  # the next replay overwrites static.out
             kv = None

@@ -14,11 +14,11 @@ import torch
 
 from model_store.modeling import LoadedPRM, load_prm, pick_device
 from model_store.precision import DtypeChoice, resolve_dtype
-from model_store.render import Renderer
-from service.engine import postprocess
+from model_store.render import make_renderer
+from service.engine import device_setup, postprocess
 from service.engine.client import EngineClient
 from service.engine.config import EngineConfig
-from service.engine.cuda_graphs import GraphRunner, default_buckets
+from service.engine.cuda_graphs import GraphRunner, serving_buckets
 from service.engine.errors import InvalidInput, UnknownModel
 from service.engine.prefix_cache import PrefixCache
 from service.engine.runner import TorchRunner
@@ -52,18 +52,21 @@ class PRMEngine(EngineClient):
         self.device = device or next(loaded.model.parameters()).device
         backbone_dtype = next(loaded.model.backbone.parameters()).dtype
         self.dtype = dtype or DtypeChoice(str(backbone_dtype).removeprefix("torch."), "as loaded")
-        self.renderer = Renderer(loaded.tokenizer, loaded.manifest.template)
+        self.renderer = make_renderer(loaded.tokenizer, loaded.manifest.template)
         pad_id = loaded.model.backbone.config.pad_token_id or 0
-        self.cache = PrefixCache(config.prefix_cache_bytes, config.prefix_block_size)
+        self.kernel = device_setup.prepare_kernels(loaded.model, self.device)  # Triton probed, warmed, or off
         graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            graphs = GraphRunner(loaded.model, default_buckets(), self.device, pad_id=pad_id, with_kv=True)
+            graphs = GraphRunner(loaded.model, serving_buckets(), self.device, pad_id=pad_id, with_kv=True)
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
+        self.cache = PrefixCache(device_setup.prefix_cache_bytes(config.prefix_cache_bytes,
+                                                                 EngineConfig.prefix_cache_bytes, self.device),
+                                 config.prefix_block_size)
         self.runner = TorchRunner(loaded.model, self.device, pad_id=pad_id,
                                   max_forward_tokens=config.forward_tokens(self.device.type),
                                   cache=self.cache,
-                                  marker_ids=(self.renderer.end_id, self.renderer.state_id),
+                                  marker_ids=self.renderer.readout_token_ids,
                                   backend=config.backend, graphs=graphs)
         self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
@@ -73,7 +76,9 @@ class PRMEngine(EngineClient):
         m = self.manifest
         self.info = ModelInfo(ref=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len,
                               aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at,
-                              dtype=self.dtype.name)
+                              head_kind=m.value_head.kind, template_kind=m.template.kind,
+                              template_family=m.template.family, data_sha256=m.training.data.get("sha256"),
+                              source=m.training.data.get("source"), dtype=self.dtype.name)
         self.metrics.model_dtype.labels(dtype=self.dtype.name).set(1)
 
     @classmethod
@@ -218,7 +223,7 @@ class PRMEngine(EngineClient):
             base = self.renderer.render_steps(beam.trajectory.task, beam.trajectory.steps, beam.observation)
             baseline = base.step_readouts[-1] if base.step_readouts else base.state_readout
             for c, action in enumerate(beam.candidates):
-                ids = base.ids + self.renderer.action_segment(action)
+                ids = self.renderer.append_action(base, action)
                 self._check_length(ids, f"beams[{b}] with candidates[{c}]")
                 shared = len(base.ids) if self.config.share_prefixes else 0  # the beam's history + observation
                 jobs.append(ScoreJob(ids, (baseline, len(ids) - 1), shared))

@@ -58,16 +58,18 @@ class _SuffixItem:
     lone: bool  # a group of one: its whole sequence is cached too
 
 
-def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False) -> list[list[int]]:
+def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False, past: int = 0) -> list[list[int]]:
     """Group indices (sorted by length) into passes of at most `max_forward_tokens` tokens: padded size
-    B * T_max, or with `packed` the sum of the lengths. A sequence longer than the budget gets a pass alone."""
+    B * (P + T_max), or with `packed` the sum of the lengths plus P once. `past` (P) is the length of the past
+    every sequence continues: a padded pass attends to B copies of it (B x (P + T) keys per layer), a packed
+    pass to one. A sequence longer than the budget gets a pass alone."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     total = 0
     for i in order:
         # Sorted ascending, so the newest index sets the padded length of the group.
-        size = total + lengths[i] if packed else (len(current) + 1) * lengths[i]
+        size = past + total + lengths[i] if packed else (len(current) + 1) * (past + lengths[i])
         if current and size > max_forward_tokens:
             groups.append(current)
             current, total = [], 0
@@ -80,13 +82,16 @@ def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = Fa
 
 class TorchRunner:
     def __init__(self, model: PRMModel, device: torch.device, pad_id: int = 0, max_forward_tokens: int = 8192,
-                 cache: PrefixCache | None = None, marker_ids: tuple[int, ...] = (), backend: str = "auto",
+                 cache: PrefixCache | None = None, marker_ids: tuple[int, ...] | None = (), backend: str = "auto",
                  graphs: GraphRunner | None = None):
         self.model = model
         self.device = device
         self.max_forward_tokens = max_forward_tokens
         self.cache = cache if cache is not None else PrefixCache(0)
-        self.marker_ids = np.array(sorted(marker_ids), dtype=np.int64)
+        # None: a readout can sit on any token (a native template whose V_0 follows user text), so a cached
+        # prefix keeps the promise of every position.
+        self.every_position = marker_ids is None
+        self.marker_ids = np.array(sorted(marker_ids or ()), dtype=np.int64)
         self.executor = make_backend(backend, model, device, pad_id, graphs)
         self.backend = self.executor.name
         self.graphs = getattr(self.executor, "graphs", None)
@@ -131,6 +136,8 @@ class TorchRunner:
     # -- one pass ----------------------------------------------------------------------------------
     def _markers_of(self, ids) -> np.ndarray:
         """Positions of readout-marker tokens in ids."""
+        if self.every_position:
+            return np.arange(len(ids), dtype=np.int64)
         if not self.marker_ids.size:
             return np.empty(0, dtype=np.int64)
         return np.flatnonzero(np.isin(np.asarray(ids, dtype=np.int64), self.marker_ids))
@@ -192,9 +199,10 @@ class TorchRunner:
             passes = plan_forwards(lengths, self.max_forward_tokens, packed=True)
         else:
             passes, start = [], 0
-            for _, members in groups:
+            for state, members in groups:
                 passes += [[start + k for k in g]
-                           for g in plan_forwards(lengths[start:start + len(members)], self.max_forward_tokens)]
+                           for g in plan_forwards(lengths[start:start + len(members)], self.max_forward_tokens,
+                                                  past=len(state.markers))]
                 start += len(members)
         for members in passes:
             self._suffix_pass([items[k] for k in sorted(members)], jobs, results)

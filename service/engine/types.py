@@ -84,6 +84,11 @@ class ModelInfo:
     aliases: tuple[str, ...] = (DEFAULT_MODEL_ALIAS,)
     method: str | None = None
     created_at: str | None = None
+    head_kind: str = "linear"  # manifest value_head.kind
+    template_kind: str = "marker"  # manifest template.kind
+    template_family: str | None = None  # the native template's source family (math-shepherd, ...)
+    data_sha256: str | None = None  # provenance: the training data's hash (training.data.sha256)
+    source: str | None = None  # provenance of an imported model: the folder it came from
     dtype: str = "float32"  # the backbone's compute dtype (the value head is always float32)
 
 

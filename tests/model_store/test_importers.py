@@ -45,7 +45,7 @@ def _served_promises(checkpoint, trajectory):
 def test_seq_cls_import_scores_like_the_source_head(tmp_path):
     src = tmp_path / "src"
     model = _seq_cls_source(src)
-    manifest = import_value_model(src, tmp_path / "out", name="imported")
+    manifest = import_value_model(src, tmp_path / "out", name="imported").manifest
     assert manifest.training.method == "imported:seq-cls" and manifest.value_head.activation == "sigmoid"
     trajectory = make_trajectory("go to the red ball", 4)
     engine, result = _served_promises(tmp_path / "out", trajectory)
@@ -65,13 +65,13 @@ def test_trl_and_openrlhf_heads_are_recognised(tmp_path):
     tensors["v_head.summary.bias"] = torch.tensor([0.5])
     (src / "model.safetensors").unlink()
     save_file(tensors, str(src / "model.safetensors"))
-    trl = import_value_model(src, tmp_path / "trl", name="trl")
+    trl = import_value_model(src, tmp_path / "trl", name="trl").manifest
     assert trl.training.method == "imported:trl" and trl.value_head.activation == "identity"
 
     openrlhf = {k: v for k, v in model.state_dict().items() if not k.startswith("score.")}
     openrlhf["value_head.weight"] = model.score.weight.detach().clone()
     save_file(openrlhf, str(src / "model.safetensors"))
-    assert import_value_model(src, tmp_path / "orl", name="orl").training.method == "imported:openrlhf"
+    assert import_value_model(src, tmp_path / "orl", name="orl").manifest.training.method == "imported:openrlhf"
     # Same backbone and head weights, different activation: identity(logit) vs sigmoid(logit).
     trajectory = make_trajectory("t", 2)
     _, a = _served_promises(tmp_path / "trl", trajectory)

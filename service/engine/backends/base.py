@@ -28,7 +28,9 @@ class PassOutput:
     promises: list[np.ndarray]  # per sequence: float32 promises at wanted[b]
     shape: list[int]  # what ran: [sequences, tokens] (padded: [B, T]; packed: [B, sum of lengths])
     slots: int  # token slots the pass ran, padding included
-    kv_rows: Callable[[int, int], KV] | None = None  # (b, n) -> KV of pasts[b] + seqs[b][:n], [1, kvh, P + n, hd]
+    # (b, n) -> KV of pasts[b] + seqs[b][:n], [1, kvh, P + n, hd]. Call it before the backend's next pass; what it
+    # returns is the caller's to keep (never a view of memory a later pass reuses, such as a CUDA graph's).
+    kv_rows: Callable[[int, int], KV] | None = None
 
     def kv(self, b: int, n: int) -> KV:
         if self.kv_rows is None:

@@ -31,5 +31,13 @@ class GraphBackend(PaddedBackend):
                 promises, kv = out if fwd.keep_kv else (out, None)
                 values = promises.float().cpu().numpy()
                 split = np.split(values, np.cumsum([len(w) for w in fwd.wanted])[:-1])
-                return PassOutput(split, list(ids.shape), ids.numel(), kv_rows_of(kv, 0))
+                return PassOutput(split, list(ids.shape), ids.numel(), _owned(kv_rows_of(kv, 0)))
         return super().run(fwd)
+
+
+def _owned(kv_rows):
+    """KV rows copied out of the graph's static memory: the next replay of the bucket (the next shared prefix
+    of the same batch, say) overwrites it, while the runner attends to a prefix's KV passes later."""
+    if kv_rows is None:
+        return None
+    return lambda b, n: [(k.clone(), v.clone()) for k, v in kv_rows(b, n)]

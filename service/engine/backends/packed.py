@@ -1,6 +1,7 @@
-"""The packed backend (default on a CPU for Qwen2 backbones): sequences concatenated without padding, fused
-projections, attention per sequence (service.engine.packed.PackedQwen2). Sequences of one pass may continue
-different pasts, so the runner mixes prefix groups in a pass."""
+"""The packed backend (default on a CPU for Qwen2 backbones; `--backend packed` on a GPU): sequences concatenated
+without padding, fused projections, attention per sequence on a CPU and one varlen (FlexAttention) call per
+layer on a GPU (service.engine.packed.PackedQwen2). Sequences of one pass may continue different pasts, so the
+runner mixes prefix groups in a pass; each distinct past is attended once, never copied per sequence."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ class PackedBackend:
     name = "packed"
     packs = True
 
-    def __init__(self, model: PRMModel, device: torch.device):
+    def __init__(self, model: PRMModel, device: torch.device, attention: str = "auto"):
         self.model = model
         self.device = device
-        self.packed = PackedQwen2(model.backbone)
+        self.packed = PackedQwen2(model.backbone, attention=attention)  # auto: varlen on a GPU, units on a CPU
 
     def run(self, fwd: ForwardPass) -> PassOutput:
         lengths = [len(s) for s in fwd.seqs]

@@ -6,6 +6,7 @@ replay runs (right-padded bucket ids, remapped readout index, first N outputs) w
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,3 +161,40 @@ def test_graph_replay_with_kv_equals_eager_on_cuda(tiny_checkpoint):
     assert torch.allclose(promises, runner.eager(ids, flat), atol=1e-4, rtol=1e-4)
     for (k, v), (k_ref, v_ref) in zip(kv, eager_kv(loaded.model, ids.cuda())):
         assert torch.allclose(k, k_ref, atol=1e-4, rtol=1e-4) and torch.allclose(v, v_ref, atol=1e-4, rtol=1e-4)
+
+
+# -- graph aliasing through the runner -------------------------------------------------------------------------
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 24], ids=["cache-off", "cache-on"])
+def test_two_uncached_prefixes_in_one_bucket_keep_their_own_kv(tiny, cache_bytes):
+    # Two shared prefixes of one batch (two concurrent reranks, two beams) that fall in the same graph bucket:
+    # the second prefix pass replays the bucket the first used. Each group's suffixes must still attend to
+    # their own prefix, as they do without graphs.
+    from service.engine.prefix_cache import PrefixCache
+    from service.engine.runner import ScoreJob, TorchRunner
+
+    model = tiny.model
+    marker = tiny.tokenizer.token_to_id(tiny.manifest.template.action_end)
+    gen = torch.Generator().manual_seed(11)
+
+    def seq(n):
+        return tuple(int(t) for t in torch.randint(3, model.backbone.config.vocab_size, (n,), generator=gen))
+
+    jobs = []
+    for _ in range(2):
+        prefix = seq(40)  # both prefixes in bucket (1, 64)
+        for n in (3, 6):
+            ids = prefix + seq(n) + (marker,)
+            jobs.append(ScoreJob(ids, (len(ids) - 1,), len(prefix)))
+
+    def promises(graphs):
+        runner = TorchRunner(model, torch.device("cpu"), cache=PrefixCache(cache_bytes, block_size=8),
+                             marker_ids=(marker,), backend="padded", graphs=graphs)
+        return [r.promises for r in runner.run_batch(jobs)], runner
+
+    expected, _ = promises(None)
+    graphs = GraphRunner(model, BUCKETS, torch.device("cpu"), with_kv=True, emulate=True)
+    got, runner = promises(graphs)
+    assert runner.graphs is graphs and graphs.replays >= 2  # both prefix passes replayed bucket (1, 64)
+    assert np.std(np.concatenate(expected)) > 1e-4
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
