@@ -77,6 +77,7 @@ def _expand_call(req):
     return call
 
 
+@pytest.mark.timeout(900)  # ~25 s of CPU; the shared 2-core machine at load 10 stretched it past 300 s
 def test_bf16_meets_the_numerics_contract_on_the_bench_workloads():
     if not (DEFAULT_CHECKPOINT / "manifest.json").is_file():
         pytest.skip("the shipped default checkpoint model_store/checkpoints/agentprm-babyai-small/1 is missing")
