@@ -90,7 +90,7 @@ class PRMEngine(EngineClient):
         loaded = load_prm(path, device=device, dtype=torch.float32)
         choice = resolve_dtype(config.dtype, device, hint=loaded.manifest.dtype)
         loaded.model.backbone.to(dtype=choice.torch_dtype)
-        log.info("dtype %s (%s); value head float32", choice.name, choice.reason)
+        log.debug("dtype %s (%s); value head float32", choice.name, choice.reason)  # the start line says it
         return cls(loaded, config, metrics, device, choice)
 
     # -- lifecycle -------------------------------------------------------------------------------
