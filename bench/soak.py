@@ -327,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = [flag for arg in args.serve_arg for flag in arg.split()]
     proc, url = start_server(model, extra)
     try:
+        # Before the measured window: the access log's 200s after `started` must be the soak's requests only.
+        dtype = httpx.get(url + "/v1/models", timeout=30).json()["data"][0].get("dtype", "unknown")
         pool = body_pool()
         capacity = asyncio.run(measure_capacity(url, pool, args.concurrency, args.capacity_s))
         rate = args.factor * capacity
@@ -334,7 +336,6 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         started = time.time()
         run = asyncio.run(open_loop(url, pool, rate, args.duration_s, proc.pid))
-        run["dtype"] = httpx.get(url + "/v1/models", timeout=30).json()["data"][0].get("dtype", "unknown")
         cache_mib = prefix_cache_mib(url)
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=120)
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
             proc.wait()
     run["server_latencies"] = server_latencies(SERVER_LOG, started)
+    run["dtype"] = dtype
     summary = summarize(args, model, capacity, rate, run, exit_code, cache_mib)
     Path(args.out).write_text(markdown(summary))
     print(json.dumps(summary))
