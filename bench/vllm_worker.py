@@ -1,7 +1,8 @@
 """Offline vLLM scoring worker: run with the `.venv-vllm` python, never imported by the project.
 
-Contract: `python bench/vllm_worker.py --model EXPORT_DIR --pooling step|all --input IN.json --output OUT.json
-[--repeat N]`. IN.json is {"ids": [[int, ...], ...]} (token ids exactly as our renderer produced them).
+Contract: `python bench/vllm_worker.py --model EXPORT_DIR --pooling step|all|last --input IN.json --output OUT.json
+[--repeat N] [--dtype float32|bfloat16]`. "last": `PoolerConfig(pooling_type="LAST")`, pooling task "classify"
+(one row per prompt), prefix caching on (vLLM's default for it). IN.json is {"ids": [[int, ...], ...]} (token ids exactly as our renderer produced them).
 The worker builds `vllm.LLM(model=EXPORT_DIR, runner="pooling", dtype="float32", pooler_config=...)`
 with `PoolerConfig(pooling_type="STEP", step_tag_id=<|end|> id, use_activation=True)` for "step" and
 `PoolerConfig(pooling_type="ALL", use_activation=True)` for "all" (Qwen2ForRewardModel would default to
@@ -24,7 +25,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="folder written by bench.vllm_peer.export_for_vllm")
-    parser.add_argument("--pooling", choices=("step", "all"), default="step")
+    parser.add_argument("--pooling", choices=("step", "all", "last"), default="step")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--repeat", type=int, default=1)
@@ -39,19 +41,22 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = json.loads((Path(args.model) / "agentprm_vllm.json").read_text())
     ids = json.loads(Path(args.input).read_text())["ids"]
-    if args.pooling == "step":
+    task = "classify" if args.pooling == "last" else "token_classify"
+    if args.pooling == "last":
+        pooler_config = PoolerConfig(pooling_type="LAST", use_activation=True)
+    elif args.pooling == "step":
         pooler_config = PoolerConfig(pooling_type="STEP", step_tag_id=meta["end_id"], use_activation=True)
     else:
         pooler_config = PoolerConfig(pooling_type="ALL", use_activation=True)
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, runner="pooling", dtype="float32", max_model_len=meta["max_seq_len"],
+    llm = LLM(model=args.model, runner="pooling", dtype=args.dtype, max_model_len=meta["max_seq_len"],
               pooler_config=pooler_config, seed=0)
     start_s = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=list(map(int, x))) for x in ids]
     runs, outputs = [], []
     for _ in range(args.repeat):
         t = time.perf_counter()
-        results = llm.encode(prompts, pooling_task="token_classify", use_tqdm=False)
+        results = llm.encode(prompts, pooling_task=task, use_tqdm=False)
         runs.append({"seconds": time.perf_counter() - t, "prompts": len(prompts),
                      "tokens": sum(len(x) for x in ids)})
         outputs = [r.outputs.data.float().reshape(r.outputs.data.shape[0], -1)[:, -1].tolist() for r in results]

@@ -14,11 +14,16 @@ Contract:
   exactly the same calls. A cell's calls are split over agents: agent i starts at a staggered step
   of its own episode (`Agent.calls`) and `Agent.warmup` is the call it made just before (sent,
   untimed, only to systems that keep state across requests, so they start warm as in steady state).
+- W4 `incremental`: incremental scoring: an agent scores its growing trajectory after every step (`/v1/score`
+  with the full history each time, `sizes.w4_steps` steps per episode), as agent loops use a PRM for progress.
+  Split over agents like W3 (staggered starts, warm-up call). Canonical output: the new step's promise.
 - A `Request` carries our API body (`body`), the logical sequences a peer without a rerank or beam
   API sends (`seqs`: one per trajectory/candidate, with readouts [V_0, Q_0, ...] per docs/ARCHITECTURE.md "Rendering"), and the
   naive per-step prefixes (`naive_body`: each step's prefix as its own trajectory).
 - Canonical outputs (what systems are compared on): W1/W2 the step promises [Q_0..Q_T] of each
-  sequence (V_0 left out: vLLM's STEP pooling has no state readout); W3 each candidate's promise.
+  sequence (V_0 left out: vLLM's STEP pooling has no state readout); W3 each candidate's promise; W4 the
+  promise of the trajectory's last step. A peer that returns only last promises (vLLM with LAST pooling) is
+  compared on the last element of each W1/W2 row (bench.report.comparisons).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ COLORS = ("red", "green", "blue", "purple", "yellow", "grey")
 TYPES = ("ball", "box", "key")
 DOOR_STATES = ("open", "closed", "locked")
 BASIC_ACTIONS = ("turn left", "turn right", "move forward", "pick up", "drop", "toggle", "done")
+AGENT_KINDS = ("expand", "incremental")  # workloads run as agents (each agent's calls in order)
 
 
 @dataclass(frozen=True)
@@ -48,13 +54,16 @@ class Sizes:
     w1_requests: dict = field(default_factory=lambda: {1: 16, 8: 32, 32: 64})
     w2_requests: dict = field(default_factory=lambda: {1: 6, 8: 16, 32: 32})
     w3_calls: dict = field(default_factory=lambda: {1: 15, 8: 32, 32: 64})
+    w4_steps: int = 20
+    w4_calls: dict = field(default_factory=lambda: {1: 20, 8: 40, 32: 64})
     long_tokens: int = 1500  # the long-trajectory cell (ours only, for the matmul-peak fraction)
     long_requests: int = 8
 
     @classmethod
     def quick(cls) -> "Sizes":
         return cls(w1_steps=(3, 6), w2_steps=(2, 4), w3_steps=4, w1_requests={1: 3, 8: 8, 32: 32},
-                   w2_requests={1: 2, 8: 8, 32: 16}, w3_calls={1: 4, 8: 8, 32: 32}, long_tokens=300,
+                   w2_requests={1: 2, 8: 8, 32: 16}, w3_calls={1: 4, 8: 8, 32: 32}, w4_steps=4,
+                   w4_calls={1: 4, 8: 8, 32: 32}, long_tokens=300,
                    long_requests=2)
 
 
@@ -66,7 +75,7 @@ class Seq:
 
 @dataclass
 class Request:
-    kind: str  # "score" | "rerank" | "expand"
+    kind: str  # "score" | "rerank" | "expand" | "incremental"
     key: str
     body: dict  # our API's JSON body
     seqs: list[Seq]  # logical sequences: one per trajectory / candidate
@@ -81,7 +90,7 @@ class Request:
     def canonical(self, per_seq_readouts: list[list[float]], with_state: bool) -> list[list[float]]:
         """Canonical outputs from promises at each sequence's readouts ([V_0, Q...] if `with_state`)."""
         rows = [r[1:] if with_state else list(r) for r in per_seq_readouts]
-        if self.kind == "expand":
+        if self.kind in AGENT_KINDS:
             return [[r[-1]] for r in rows]
         return rows
 
@@ -98,10 +107,10 @@ class Workload:
     kind: str
     description: str
     cells: dict[int, list[Request]] = field(default_factory=dict)  # W1, W2 (and "long")
-    agents: dict[int, list[Agent]] = field(default_factory=dict)  # W3
+    agents: dict[int, list[Agent]] = field(default_factory=dict)  # W3, W4
 
     def requests(self, concurrency: int) -> list[Request]:
-        if self.kind != "expand":
+        if self.kind not in AGENT_KINDS:
             return self.cells[concurrency]
         return [r for a in self.agents[concurrency] for r in a.calls]
 
@@ -246,6 +255,16 @@ class Builder:
                       gen.observation()) for p in pairs]
         return calls
 
+    def incremental_episode(self, gen: TextGen, key: str, upto: int | None = None) -> list[Request]:
+        """One agent episode of W4: after each of `w4_steps` steps, /v1/score of the trajectory so far."""
+        s = self.sizes
+        task, steps = gen.task(), gen.steps(s.w4_steps)
+        calls = []
+        for t in range(min(s.w4_steps, upto if upto is not None else s.w4_steps)):
+            body = {"model": "default", "trajectories": [_traj_json(task, steps[:t + 1])], "aggregate": "last"}
+            calls.append(Request("incremental", f"{key}/t{t}", body, [self.seq(task, steps[:t + 1])], body, [[0]], t))
+        return calls
+
     def long_request(self, gen: TextGen, key: str, tokens: int) -> Request:
         task = gen.task()
         steps: list[Step] = []
@@ -280,20 +299,24 @@ def build_workloads(checkpoint_dir: Path | str, sizes: Sizes = Sizes(), seed: in
                                   f"{sizes.w2_steps[1]} steps each), sharing the task and first observation")
     w3 = Workload("W3", "expand", f"agent loop: beam-expand calls, {sizes.w3_beams} beams x {sizes.w3_candidates} "
                                   f"candidates, {sizes.w3_steps}-step episodes, full history in every call")
+    w4 = Workload("W4", "incremental", f"incremental scoring: an agent scores its growing trajectory after every "
+                                       f"step, {sizes.w4_steps}-step episodes, full history in every call")
     for ci, c in enumerate(concurrencies):
         gen = TextGen(seed * 1000 + ci)
         w1.cells[c] = [b.score_request(gen, f"W1/c{c}/{i}", gen.rng.randint(*sizes.w1_steps))
                        for i in range(sizes.w1_requests[c])]
         w2.cells[c] = [b.rerank_request(gen, f"W2/c{c}/{i}") for i in range(sizes.w2_requests[c])]
-        w3.agents[c] = _agents(b, gen, c, sizes.w3_calls[c], sizes.w3_steps)
+        w3.agents[c] = _agents(b.episode, "W3", gen, c, sizes.w3_calls[c], sizes.w3_steps)
+        w4.agents[c] = _agents(b.incremental_episode, "W4", gen, c, sizes.w4_calls[c],
+                               sizes.w4_steps)
     long = Workload("long", "score", f"long trajectories of ~{sizes.long_tokens} tokens (ours only: matmul fraction)")
     gen = TextGen(seed * 1000 + 999)
     long.cells[8] = [b.long_request(gen, f"long/{i}", min(sizes.long_tokens, max_seq_len))
                      for i in range(sizes.long_requests)]
-    return {"W1": w1, "W2": w2, "W3": w3, "long": long}
+    return {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "long": long}
 
 
-def _agents(b: Builder, gen: TextGen, agents: int, calls: int, steps: int) -> list[Agent]:
+def _agents(episode, name: str, gen: TextGen, agents: int, calls: int, steps: int) -> list[Agent]:
     """`agents` agents sharing `calls` calls; agent i starts at a staggered step of its own episode."""
     per_agent = max(1, calls // agents)
     out = []
@@ -303,7 +326,7 @@ def _agents(b: Builder, gen: TextGen, agents: int, calls: int, steps: int) -> li
         for e in range(start + per_agent):  # continue into a new episode past the last step
             if len(seq) >= start + per_agent:
                 break
-            seq += b.episode(gen, f"W3/a{agents}/{i}/e{e}", upto=start + per_agent - len(seq))
+            seq += episode(gen, f"{name}/a{agents}/{i}/e{e}", upto=start + per_agent - len(seq))
         out.append(Agent(warmup=seq[start - 1] if start > 0 else None, calls=seq[start:start + per_agent]))
     return out
 
@@ -317,4 +340,5 @@ def build_calibration(checkpoint_dir: Path | str, sizes: Sizes = Sizes(), seed: 
     return {"W1": [b.score_request(gen, f"calib/W1/{i}", gen.rng.randint(*sizes.w1_steps)) for i in range(2)],
             "W2": [b.rerank_request(gen, f"calib/W2/{i}") for i in range(2)],
             "W3": b.episode(gen, "calib/W3", upto=mid + 1)[mid - 1: mid + 1],
+            "W4": b.incremental_episode(gen, "calib/W4")[sizes.w4_steps // 2 - 1: sizes.w4_steps // 2 + 1],
             "long": [b.long_request(gen, "calib/long", min(sizes.long_tokens, max_seq_len))]}

@@ -76,7 +76,7 @@ class VllmExport:
 
     @classmethod
     def load(cls, path: Path | str) -> "VllmExport":
-        path = Path(path)
+        path = Path(path).resolve()  # vLLM takes a relative path for a hub repo id
         meta = json.loads((path / META_FILE).read_text())
         return cls(path=path, arch=meta["arch"], architecture=meta["architecture"], end_id=meta["end_id"],
                    state_id=meta["state_id"], hidden_size=meta["hidden_size"], max_seq_len=meta["max_seq_len"],

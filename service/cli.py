@@ -154,6 +154,7 @@ def cmd_serve(args) -> int:
                     "(set --api-key-file or AGENTPRM_API_KEY)", settings.host)
     where = f"vllm on {engine.device.type}" if settings.backend == "vllm" else f"device {engine.device}"
     banner = (f"serving {engine.info.ref} on http://{settings.host}:{port} ({where}, "
+              f"dtype {engine.dtype.name} ({engine.dtype.reason}), "
               f"max_batch_tokens {settings.max_batch_tokens}, max_wait_ms {settings.max_wait_ms}, "
               f"auth {'on' if api_config.api_keys else 'off'})")
     if settings.log_format == "json":

@@ -43,6 +43,8 @@ class Metrics:
         self.cache_evictions = Counter("agentprm_prefix_cache_evictions", "Cache blocks evicted (LRU)", registry=r)
         self.cache_bytes = Gauge("agentprm_prefix_cache_bytes", "Bytes of KV held by the prefix cache", registry=r)
         self.cache_blocks = Gauge("agentprm_prefix_cache_blocks", "Blocks held by the prefix cache", registry=r)
+        self.model_dtype = Gauge("agentprm_model_dtype", "1 for the dtype the backbone computes in (the value "
+                                 "head is float32)", ["dtype"], registry=r)
         self.ready = Gauge("agentprm_ready", "1 when the model is loaded and the engine is serving", registry=r)
 
     def render(self) -> bytes:

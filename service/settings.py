@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.api.config import ApiConfig
-from service.engine.config import BACKENDS, EngineConfig
+from service.engine.config import BACKENDS, DTYPES, EngineConfig
 from service.engine.vllm_server import VLLM_DTYPES, VLLM_POOLINGS, VllmConfig
 
 DEFAULT_MODEL = "agentprm-babyai-small"  # the checkpoint shipped in model_store/checkpoints/
@@ -91,6 +91,9 @@ class ServerSettings(BaseSettings):
                     "'--distributed-executor-backend ray')")
     vllm_start_timeout_s: float = Field(_VLLM.start_timeout_s, gt=0,
         description="--backend vllm: how long vLLM may take to load and warm up before start-up fails")
+    dtype: Literal[DTYPES] = Field(_ENGINE.dtype,
+        description="The backbone's compute dtype: auto (bfloat16 on a GPU, and on a CPU whose bf16 matmul "
+                    "measurably beats fp32; float32 otherwise), float32 or bfloat16; the value head stays float32")
     cuda_graphs: bool = Field(_ENGINE.cuda_graphs,
         description="On a GPU, replay captured CUDA graphs for small passes")
     max_inflight_requests: int = Field(_API.max_inflight_requests, ge=1,
@@ -223,7 +226,7 @@ class ServerSettings(BaseSettings):
                             max_forward_tokens=self.max_forward_tokens, max_trajectories=self.max_trajectories,
                             max_candidates=self.max_candidates, prefix_cache_bytes=self.prefix_cache_bytes,
                             prefix_block_size=self.prefix_block_size, share_prefixes=self.share_prefixes,
-                            backend=self.backend, cuda_graphs=self.cuda_graphs,
+                            backend=self.backend, dtype=self.dtype, cuda_graphs=self.cuda_graphs,
                             max_queue_delay_s=self.max_queue_delay_s,
                             max_consecutive_failures=self.max_consecutive_failures, vllm=self.vllm_config())
 

@@ -12,6 +12,10 @@ from clients.local_server import SERVER_MODULE, ServerProcess, free_port, serve_
 from model_store.export import init_random
 
 REPO = Path(__file__).resolve().parents[1]
+# `--dtype auto` (and `train --precision auto`) measure the CPU's bf16 speed-up; the suite's fp32 numerics
+# (1e-5 against transformers) must not depend on the machine it runs on, so auto resolves to fp32 here, in this
+# process and in every server it starts. bf16 is tested with an explicit dtype (tests/service/engine/test_dtype.py).
+os.environ.setdefault("AGENTPRM_BF16_SPEEDUP", "1.0")
 
 
 @pytest.fixture(scope="session")

@@ -314,12 +314,14 @@ class ModelCard(BaseModel):
     template_kind: str = Field("marker", description="marker (ours) or native (an imported PRM's own format)")
     template_family: str | None = Field(None, description="the native template's family (math-shepherd, ...)")
     provenance: Provenance = Field(default_factory=Provenance)
+    dtype: str = Field("float32", description="The backbone's compute dtype (float32 or bfloat16, chosen by "
+                                              "--dtype); the value head is always float32")
 
     @classmethod
     def from_engine(cls, m: E.ModelInfo) -> "ModelCard":
         return cls(id=m.ref, name=m.name, version=m.version, max_seq_len=m.max_seq_len, aliases=list(m.aliases),
                    method=m.method, created_at=m.created_at, head_kind=m.head_kind, template_kind=m.template_kind,
-                   template_family=m.template_family,
+                   template_family=m.template_family, dtype=m.dtype,
                    provenance=Provenance(method=m.method, data_sha256=m.data_sha256, source=m.source))
 
 

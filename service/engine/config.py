@@ -12,6 +12,7 @@ from service.engine.vllm_server import VllmConfig
 
 # service.engine.backends.make_backend; "vllm" replaces the runner instead (service/engine/backends/vllm.py)
 BACKENDS = ("auto", "packed", "padded", "vllm")
+DTYPES = ("auto", "float32", "bfloat16")  # model_store.precision.resolve_dtype
 DEFAULT_FORWARD_TOKENS = {"cpu": 2048, "cuda": 8192}  # CPU: bench/cpu_kernels.py measures it
 _SCHEDULER = SchedulerConfig()
 
@@ -32,6 +33,7 @@ class EngineConfig:
     max_queue_delay_s: float = _SCHEDULER.max_queue_delay_s  # 429 when queued work would take longer; 0: no bound
     max_consecutive_failures: int = _SCHEDULER.max_consecutive_failures  # failed batches in a row: dead; 0: never
     backend: str = "auto"  # one of BACKENDS (auto: packed on a CPU for Qwen2, padded elsewhere; vllm: a vLLM server)
+    dtype: str = "auto"  # one of DTYPES (auto: bf16 on a GPU or a CPU where bf16 measurably pays, else fp32)
     cuda_graphs: bool = True  # on a GPU: capture the small plain passes (cuda_graphs.py); ignored on a CPU
     vllm: VllmConfig = VllmConfig()  # backend="vllm" only: the managed vLLM server's settings
 

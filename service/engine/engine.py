@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from model_store.modeling import LoadedPRM, default_dtype, load_prm, load_tokenizer, pick_device
+from model_store.modeling import LoadedPRM, load_prm, load_tokenizer, pick_device
+from model_store.precision import DtypeChoice, resolve_dtype
 from model_store.render import make_renderer
 from model_store.store import verify_checkpoint
 from service.engine import device_setup, postprocess
@@ -44,7 +45,7 @@ def common_prefix_len(sequences: list[tuple[int, ...]]) -> int:
 
 class PRMEngine(EngineClient):
     def __init__(self, loaded: LoadedPRM, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None,
-                 device: torch.device | None = None, runner=None):
+                 device: torch.device | None = None, runner=None, dtype: DtypeChoice | None = None):
         """`runner` (anything with `run_batch(jobs) -> BatchResults`): the vllm backend's VllmRunner, which needs
         no torch model (`loaded.model` is None then); None builds the TorchRunner on `loaded.model`."""
         self.loaded = loaded
@@ -52,6 +53,9 @@ class PRMEngine(EngineClient):
         self.metrics = metrics or Metrics()
         self.manifest = loaded.manifest
         self.device = device or next(loaded.model.parameters()).device
+        if dtype is None and loaded.model is not None:
+            dtype = DtypeChoice(str(next(loaded.model.backbone.parameters()).dtype).removeprefix("torch."), "as loaded")
+        self.dtype = dtype or DtypeChoice("float32", "default")
         self.renderer = make_renderer(loaded.tokenizer, loaded.manifest.template)
         # vLLM keeps its own prefix cache; ours holds nothing then.
         cache_bytes = 0 if runner is not None else device_setup.prefix_cache_bytes(
@@ -71,7 +75,8 @@ class PRMEngine(EngineClient):
                               aliases=(DEFAULT_MODEL_ALIAS,), method=m.training.method, created_at=m.created_at,
                               head_kind=m.value_head.kind, template_kind=m.template.kind,
                               template_family=m.template.family, data_sha256=m.training.data.get("sha256"),
-                              source=m.training.data.get("source"))
+                              source=m.training.data.get("source"), dtype=self.dtype.name)
+        self.metrics.model_dtype.labels(dtype=self.dtype.name).set(1)
 
     def _torch_runner(self, loaded: LoadedPRM, config: EngineConfig) -> TorchRunner:
         pad_id = loaded.model.backbone.config.pad_token_id or 0
@@ -98,9 +103,16 @@ class PRMEngine(EngineClient):
             path = Path(path)
             manifest = verify_checkpoint(path)
             loaded = LoadedPRM(manifest=manifest, model=None, tokenizer=load_tokenizer(path, manifest), path=path)
-            return cls(loaded, config, metrics, device, runner=VllmRunner.start(path, config.vllm, device.type))
-        loaded = load_prm(path, device=device, dtype=default_dtype(device))
-        return cls(loaded, config, metrics, device)
+            name = config.vllm.dtype if config.vllm.dtype != "auto" else ("float32" if device.type == "cpu" else "bfloat16")
+            return cls(loaded, config, metrics, device, runner=VllmRunner.start(path, config.vllm, device.type),
+                       dtype=DtypeChoice(name, f"--vllm-dtype {config.vllm.dtype}"))
+        # Served in config.dtype (model_store.precision.resolve_dtype): the backbone is cast to the chosen dtype,
+        # the value head stays fp32 (read in fp32, never rounded).
+        loaded = load_prm(path, device=device, dtype=torch.float32)
+        choice = resolve_dtype(config.dtype, device, hint=loaded.manifest.dtype)
+        loaded.model.backbone.to(dtype=choice.torch_dtype)
+        log.debug("dtype %s (%s); value head float32", choice.name, choice.reason)  # the start line says it
+        return cls(loaded, config, metrics, device, dtype=choice)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -122,7 +122,10 @@ class PrefixCache:
         kv_bytes = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
         self._block_bytes = kv_bytes + self.block_size * 4  # + the float32 markers
         slots = self.max_bytes // self._block_bytes
-        self._slab = torch.empty((slots, *shape), dtype=dtype, device=device)  # [slots, L, 2, kvh, block, hd]
+        # Zeroed, not empty: the whole bounded buffer is resident from the first insert, so the process's memory
+        # does not creep up while the cache fills (on a slow machine that took minutes and read as growth in
+        # bench/SOAK.md); the cost is committing max_bytes at once, which the cache would reach anyway.
+        self._slab = torch.zeros((slots, *shape), dtype=dtype, device=device)  # [slots, L, 2, kvh, block, hd]
         self._generations = np.zeros(slots, dtype=np.int64)
         self._free = list(range(slots - 1, -1, -1))
 

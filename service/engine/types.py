@@ -89,6 +89,7 @@ class ModelInfo:
     template_family: str | None = None  # the native template's source family (math-shepherd, ...)
     data_sha256: str | None = None  # provenance: the training data's hash (training.data.sha256)
     source: str | None = None  # provenance of an imported model: the folder it came from
+    dtype: str = "float32"  # the backbone's compute dtype (the value head is always float32)
 
 
 @dataclass(frozen=True)

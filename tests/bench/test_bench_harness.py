@@ -86,6 +86,16 @@ def test_served_promises_equal_ours(run, peer):
     assert compared >= 2 * len(WORKLOADS)
 
 
+def test_incremental_scoring_reuses_the_history_and_reports_the_new_step(run):
+    _, data = run
+    cells = _cells(data)
+    for c in CONCURRENCY:
+        w4 = cells[("ours", "W4", c)]
+        assert w4["error"] is None and w4["sent"] >= 1
+        assert all(len(rows) == 1 and len(rows[0]) == 1 for rows in w4["outputs"].values())  # the new step's promise
+        assert w4["computed_tokens"] < w4["workload_tokens"]  # the cross-request cache served the history
+
+
 def test_ours_computes_fewer_tokens_than_naive_on_the_agent_loop(run):
     _, data = run
     cells = _cells(data)

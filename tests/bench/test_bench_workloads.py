@@ -71,3 +71,19 @@ def test_naive_body_has_one_prefix_per_step(workloads):
         trajs = req.naive_body["trajectories"]
         for m in req.naive_map:
             assert [len(trajs[k]["steps"]) for k in m] == list(range(1, len(m) + 1))
+
+
+def test_incremental_scoring_calls_append_one_step_to_the_previous_call(workloads):
+    sizes = Sizes.quick()
+    for agent in workloads["W4"].agents[8]:
+        calls = ([agent.warmup] if agent.warmup else []) + agent.calls
+        assert all(len(call.seqs) == 1 and call.kind == "incremental" for call in calls)
+        for prev, call in zip(calls, calls[1:]):
+            if call.step == 0:
+                continue  # a new episode
+            (before,), (after,) = prev.seqs, call.seqs
+            assert after.ids[:len(before.ids)] == before.ids  # the full history again, one step longer
+            assert len(after.readouts) == len(before.readouts) + 1 == call.step + 2
+            assert len(call.body["trajectories"][0]["steps"]) == call.step + 1 <= sizes.w4_steps
+        # what is compared across systems: the new step's promise only
+        assert calls[-1].canonical([[0.1, 0.2, 0.3]], with_state=True) == [[0.3]]

@@ -51,6 +51,24 @@ def test_token_classify_export_layout(checkpoint, tmp_path):
     assert (export.path / "tokenizer_config.json").exists()
 
 
+def test_seq_cls_export_is_the_token_classify_layout_under_a_last_pooling_name(checkpoint, tmp_path):
+    export = vp.export_for_vllm(checkpoint, tmp_path / "seq", arch="seq_cls")
+    config = json.loads((export.path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and config["num_labels"] == 1
+    tensors = load_file(str(export.path / "model.safetensors"))
+    weight, bias = _head(checkpoint)
+    assert torch.equal(tensors["score.weight"], weight) and torch.equal(tensors["score.bias"], bias)
+    cmd = vp.server_command(export.path, 8123, pooling="last", dtype="bfloat16")
+    pooler = json.loads(cmd[cmd.index("--pooler-config") + 1])
+    assert pooler == {"pooling_type": "LAST", "use_activation": True}
+    assert "--enable-prefix-caching" in cmd and cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    step = vp.server_command(export.path, 8123, pooling="step")
+    assert "--enable-prefix-caching" not in step and step[step.index("--dtype") + 1] == "float32"
+    with pytest.raises(ValueError, match="dtype"):
+        vp.server_command(export.path, 8123, pooling="last", dtype="float16")
+    assert vp.pooling_request([[1, 2]], pooling="last")["task"] == "classify"
+
+
 @pytest.mark.parametrize("arch,labels", [("prm", 2), ("reward", 1)])
 def test_relu_head_embedding_is_our_linear_head(checkpoint, tmp_path, arch, labels):
     export = vp.export_for_vllm(checkpoint, tmp_path / arch, arch=arch)
@@ -101,6 +119,9 @@ def test_select_readouts():
         vp.select_readouts(ids, [0.3], "step", state, end)
     with pytest.raises(vp.VllmPeerError):
         vp.select_readouts(ids, rows[:-1], "all", state, end)
+    assert vp.select_readouts(ids, [0.6], "last", state, end) == [0.6]  # LAST: the prompt's last token only
+    with pytest.raises(vp.VllmPeerError):
+        vp.select_readouts(ids, [0.3, 0.7], "last", state, end)
 
 
 def test_parse_pooling_response_orders_by_index_and_takes_promise_label(checkpoint, tmp_path):

@@ -99,6 +99,26 @@ def test_http_server_matches_reference(checkpoint, rendered, reference, tmp_path
     assert server.proc is None  # stopped
 
 
+def test_last_pooling_export_matches_ours_and_reuses_its_prefix_cache(checkpoint, rendered, reference, tmp_path):
+    """The seq_cls export with LAST pooling (the peer's best configuration for rerank / beam-expand): each
+    prompt's last promise within 1e-5 of the reference (fp32), and a second prompt that extends a first one is
+    served partly from vLLM's prefix cache (its own counter)."""
+    from bench.systems import scrape
+
+    export = vp.export_for_vllm(checkpoint, tmp_path / "seq", arch="seq_cls")
+    ids = [list(r.ids) for r in rendered]
+    with vp.VllmServer(export.path, free_port(), pooling="last", log_path=tmp_path / "serve.log") as server:
+        got = server.score_ids(ids)
+        counters = {"vllm:prompt_tokens_cached_total": "cached"}
+        before = scrape(server.base_url, counters).get("cached", 0.0)
+        again = server.score_ids([ids[3] + [ids[3][-1]]])  # extends a prompt already scored
+        after = scrape(server.base_url, counters).get("cached", 0.0)
+    assert [len(g) for g in got] == [1] * len(ids)
+    assert max(abs(g[0] - ref[-1]) for g, ref in zip(got, reference)) <= 1e-5
+    assert len({round(g[0], 4) for g in got}) > 2
+    assert len(again[0]) == 1 and after - before >= 16  # at least one KV block of the earlier prompt reused
+
+
 def test_offline_llm_matches_reference(checkpoint, rendered, reference, tmp_path):
     export = vp.export_for_vllm(checkpoint, tmp_path / "tc")
     result = vp.offline_score(export.path, [list(r.ids) for r in rendered], pooling="all")
