@@ -33,7 +33,7 @@ import torch
 from model_store.export import save_checkpoint
 from model_store.heads import MLPHead, TwoRowHead
 from model_store.manifest import Manifest, Normalisation, Template, TrainingInfo, ValueHeadSpec
-from model_store.modeling import build_backbone, load_weights, read_safetensors_folder
+from model_store.modeling import build_backbone, load_weights, read_hf_config_and_tokenizer, read_safetensors_folder
 from model_store.render import adds_leading_space, without_added_space
 from model_store.store import CheckpointError
 
@@ -81,23 +81,10 @@ class Imported:
 
 
 def read_source(src: Path) -> Source:
-    from tokenizers import Tokenizer
-
-    config_file = src / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing (an importer needs a Hugging Face model folder)")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src / 'config.json'}: missing (an importer needs a Hugging Face model folder)")
     tensors = read_safetensors_folder(src)
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
-    tok_file = src / "tokenizer.json"
-    if not tok_file.is_file():
-        raise CheckpointError(f"{tok_file}: missing (a tokenizers-format tokenizer is required)")
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_file))
-    except Exception as exc:  # tokenizers raises plain Exception subclasses
-        raise CheckpointError(f"{tok_file}: cannot be read as a tokenizers file ({exc})") from None
+    config, tokenizer = read_hf_config_and_tokenizer(src)
     tok_config_file = src / "tokenizer_config.json"
     tok_config = json.loads(tok_config_file.read_text()) if tok_config_file.is_file() else {}
     return Source(src, config, tensors, tokenizer, tok_config)

@@ -202,6 +202,28 @@ def read_safetensors_as(files: list[Path], device: torch.device | str, dtype: to
     return tensors
 
 
+def read_hf_config_and_tokenizer(folder: Path):
+    """config.json (a dict) and tokenizer.json (a `tokenizers.Tokenizer`) of a Hugging Face model folder;
+    CheckpointError naming the file when either is missing or unreadable."""
+    from tokenizers import Tokenizer
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (a Hugging Face model folder is needed)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    tok_file = folder / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CheckpointError(f"{tok_file}: missing (a tokenizers-format tokenizer file is needed)")
+    try:
+        tokenizer = Tokenizer.from_file(str(tok_file))
+    except Exception as exc:  # tokenizers raises plain Exception subclasses
+        raise CheckpointError(f"{tok_file}: cannot be read as a tokenizers file ({exc})") from None
+    return config, tokenizer
+
+
 def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     """Every *.safetensors file of a (Hugging Face) model folder; pickle weights are never loaded."""
     files = sorted(folder.glob("*.safetensors"))

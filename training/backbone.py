@@ -26,7 +26,8 @@ import torch
 
 from model_store.export import PAD_TOKEN, train_tokenizer
 from model_store.manifest import MANIFEST_FILE, Template
-from model_store.modeling import PRMModel, build_backbone, load_prm, load_weights, read_safetensors_folder
+from model_store.modeling import (PRMModel, build_backbone, load_prm, load_weights, read_hf_config_and_tokenizer,
+                                  read_safetensors_folder)
 from model_store.store import CheckpointError
 from training.defaults import DEFAULT_SIZE
 
@@ -93,19 +94,12 @@ def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _from_hf_folder(folder: Path, template: Template, max_seq_len: int) -> Initialized:
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken
 
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise InitError(f"{folder / 'config.json'}: not valid JSON ({exc})") from None
-    tok_file = folder / "tokenizer.json"
-    if not tok_file.is_file():
-        raise InitError(f"{tok_file}: missing (a Hugging Face fast tokenizer file is needed)")
-    try:
-        tokenizer = Tokenizer.from_file(str(tok_file))
-    except Exception as exc:
-        raise InitError(f"{tok_file}: cannot be read ({exc})") from None
+        config, tokenizer = read_hf_config_and_tokenizer(folder)
+    except CheckpointError as exc:
+        raise InitError(str(exc)) from None
     new = [m for m in (PAD_TOKEN, *template.markers()) if tokenizer.token_to_id(m) is None]
     tokenizer.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in new])
     try:
