@@ -71,7 +71,11 @@ def build_layer(spec: dict, dtype: torch.dtype):
 
 
 def op_variants(model, lengths: list[int], compile_: bool = True, only: set | None = None):
-    """(op name, {variant name: zero-argument callable}) for each op, "eager" first: the form packed.py runs."""
+    """(op name, {variant name: zero-argument callable}) for each op selected by `only` (keys a, b, c, c2, d, d2,
+    e, f, g), "eager" first: the form packed.py runs (for RoPE, the form it ran before the joint q|k pass)."""
+    def wanted(key: str) -> bool:
+        return only is None or key in only
+
     layer = model.layers[0]
     n, hidden = sum(lengths), model.embed.shape[1]
     nh, kvh, hd, eps = model.heads, model.kv_heads, model.head_dim, model.eps
@@ -153,10 +157,10 @@ def op_variants(model, lengths: list[int], compile_: bool = True, only: set | No
     ops.append(("(d) residual add + RMSNorm", with_compiled(
         {"eager": _bind(add_rms, o_out, layer.ln2), "F.rms_norm, fp32 weight": _bind(add_rms_torch, o_out, ln2_32)},
         (add_rms, o_out, layer.ln2))))
-    if layer.gate_up.packed is not None:
+    if layer.gate_up.packed is not None and wanted("c2"):
         ops.append(("(c2) gate|up proj + SiLU-and-mul", fused_mlp_variants(layer, rms(x, layer.ln2))))
-        if wdt == torch.float32:
-            ops.append(("(d2) down proj + residual add", fused_residual_variants(layer, silu_mul(gate_up), x.clone())))
+    if layer.down.packed is not None and wdt == torch.float32 and wanted("d2"):
+        ops.append(("(d2) down proj + residual add", fused_residual_variants(layer, silu_mul(gate_up), x.clone())))
     layer_variants = {"eager": _bind(layer_without_attention, x.clone())}
     if compile_static is not None:
         # the elementwise pieces compiled, the oneDNN projections between them left as they are
@@ -172,9 +176,10 @@ def op_variants(model, lengths: list[int], compile_: bool = True, only: set | No
     attn_out = torch.randn(n, q_size, generator=gen).to(wdt)
     ops.append(("(g) the 4 projections (oneDNN)", {"eager": lambda: (layer.qkv(hs), layer.o(attn_out),
                                                                      layer.gate_up(hs), layer.down(mid))}))
-    ops.append(("(f) attention", attention_variants(model, lengths, qkv, cos, sin, compile_)))
+    if wanted("f"):  # built only when asked for: it checks every layout against the eager one (seconds)
+        ops.append(("(f) attention", attention_variants(model, lengths, qkv, cos, sin, compile_)))
     for op, variants in ops:
-        if only is None or op[1:op.index(")")] in only:
+        if wanted(op[1:op.index(")")]):
             yield op, variants
 
 
@@ -340,7 +345,7 @@ def main(argv=None) -> None:
     p.add_argument("--inner", type=int, default=3, help="calls per variant per round")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    p.add_argument("--only", default=None, help="comma-separated op names to run")
+    p.add_argument("--only", default=None, help="comma-separated op keys: a,b,c,c2,d,d2,e,f,g [all]")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
