@@ -72,7 +72,7 @@ def build_layer(spec: dict, dtype: torch.dtype):
 
 def op_variants(model, lengths: list[int], compile_: bool = True, only: set | None = None):
     """(op name, {variant name: zero-argument callable}) for each op selected by `only` (keys a, b, c, c2, d, d2,
-    e, f, g), "eager" first: the form packed.py runs (for RoPE, the form it ran before the joint q|k pass)."""
+    e, f, g), "eager" first: the form packed.py runs."""
     def wanted(key: str) -> bool:
         return only is None or key in only
 
@@ -105,7 +105,7 @@ def op_variants(model, lengths: list[int], compile_: bool = True, only: set | No
     ln1_32, ln2_32 = layer.ln1.float(), layer.ln2.float()  # F.rms_norm's fused kernel wants the input's dtype
 
     def rope(qkv, cos, sin):
-        """packed.py before issue 14b: transformers' rotate-half, on q and k separately."""
+        """packed.py's form: transformers' rotate-half, on q and k separately."""
         q = _rotate_half_form(qkv[:, :q_size].to(cdt).view(n, nh, hd), cos, sin)  # [N, nh, hd]
         k = _rotate_half_form(qkv[:, q_size:q_size + kv_size].to(cdt).view(n, kvh, hd), cos, sin).to(wdt)
         return q, k
@@ -113,8 +113,10 @@ def op_variants(model, lengths: list[int], compile_: bool = True, only: set | No
     sin_signed = torch.cat([-sin[..., :hd // 2], sin[..., hd // 2:]], dim=-1)  # rotate-half's sign folded in
 
     def rope_joint(qkv, cos, sin_signed):
-        """packed.py now: q and k rotated in one pass over their adjacent columns (PackedQwen2._rotate_qk)."""
-        qk = model._rotate_qk(qkv[:, :q_size + kv_size].to(cdt).view(n, nh + kvh, hd), cos, sin_signed)
+        """q and k rotated in one pass over their adjacent columns, rotate-half's sign in the sin table."""
+        qk = qkv[:, :q_size + kv_size].to(cdt).view(n, nh + kvh, hd)
+        swapped = torch.cat([qk[..., hd // 2:], qk[..., :hd // 2]], dim=-1)
+        qk = torch.addcmul(qk * cos, swapped, sin_signed)
         return qk[:, :nh], qk[:, nh:].to(wdt).contiguous()
 
     def silu_mul(gate_up):

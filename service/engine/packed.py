@@ -172,9 +172,6 @@ class PackedQwen2:
         freqs = positions[:, None] * self.inv_freq[None, :]  # [L, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)  # [L, hd]
         self._cos, self._sin = emb.cos().to(self.compute_dtype), emb.sin().to(self.compute_dtype)
-        half = self.head_dim // 2
-        # rotate-half's sign folded into the table: x*cos + swap(x)*sin_signed, one pass fewer (_rotate_qk)
-        self._sin_signed = torch.cat([-self._sin[:, :half], self._sin[:, half:]], dim=-1)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """RMSNorm of the fp32 residual, computed in fp32; the result written in `out_dtype` (the projections'
@@ -185,14 +182,11 @@ class PackedQwen2:
             return weight * x32.to(x.dtype)  # transformers' order (an fp32 result for the fp32 residual)
         return torch.mul(x32, weight, out=torch.empty(x32.shape, dtype=out_dtype, device=x32.device))
 
-    def _rotate_qk(self, qk: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """RoPE of the adjacent q|k columns of a pass in one go ([N, nh + kvh, hd]): the same products as
-        transformers' rotate-half form on q and on k (the sign moved into the table is exact), with one cast, one
-        swap and one fused multiply-add instead of two of each plus the negation; 1.2-1.45x on the op
-        (bench/per_token_ops.py)."""
-        half = qk.shape[-1] // 2
-        swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
-        return torch.addcmul(qk * cos, swapped, sin_signed)
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
 
     def _units(self, lengths: list[int], offsets: list[int], pasts: list[KV | None], device) -> list[tuple]:
         """Attention units: a sequence without a past attends causally to itself; consecutive short sequences
@@ -283,7 +277,7 @@ class PackedQwen2:
         if longest > self._cos.shape[0]:
             self._grow_rope(2 * longest)
         positions = torch.cat([torch.arange(p, p + length) for p, length in zip(starts, lengths)]).to(ids.device)
-        cos, sin = self._cos[positions][:, None, :], self._sin_signed[positions][:, None, :]  # [N, 1, hd]
+        cos, sin = self._cos[positions][:, None, :], self._sin[positions][:, None, :]  # [N, 1, hd]
         varlen = self._varlen(lengths, pasts, ids.device) if self.attention == "varlen" else None
         units = [] if varlen is not None else self._units(lengths, offsets, pasts, ids.device)
         nh, kvh, hd = self.heads, self.kv_heads, self.head_dim
@@ -295,9 +289,9 @@ class PackedQwen2:
         for li, layer in enumerate(self.layers):
             h = self._rms(x, layer.ln1, wdt)
             qkv = layer.qkv(h)  # [N, (nh + 2 kvh) hd]
-            qk = self._rotate_qk(qkv[:, :q_size + kv_size].to(cdt).view(n, nh + kvh, hd), cos, sin)
-            q = qk[:, :nh]  # [N, nh, hd]
-            k = qk[:, nh:].to(wdt).contiguous()  # [N, kvh, hd]: kept (and cached) in the projections' dtype
+            q = self._rotate(qkv[:, :q_size].to(cdt).view(n, nh, hd), cos, sin)  # [N, nh, hd]
+            k = self._rotate(qkv[:, q_size:q_size + kv_size].to(cdt).view(n, kvh, hd), cos, sin)  # [N, kvh, hd]
+            k = k.to(wdt)  # the KV is kept (and cached) in the projections' dtype
             v = qkv[:, q_size + kv_size:].view(n, kvh, hd)
             if keep_kv:
                 kept.append((k, v))
