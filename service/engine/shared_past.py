@@ -106,8 +106,6 @@ class SharedPastCache(DynamicCache):
 @dataclass
 class _OnePast:
     cache: SharedPastCache
-    rows: int  # B
-    length: int  # T
     layout: _Varlen | None = None  # one per pass: its dense mask is made at the first layer, reused by the rest
 
     def attend(self, layer: int, query, key, value, scaling, extra: dict) -> torch.Tensor:
@@ -123,9 +121,9 @@ class _OnePast:
 
 
 @contextlib.contextmanager
-def attending_one_past(cache: SharedPastCache, rows: int, length: int):
-    """Inside: the backbone's attention (switched by use_for) attends `cache.past` once for a [rows, length] pass."""
-    token = _PASS.set(_OnePast(cache, rows, length))
+def attending_one_past(cache: SharedPastCache):
+    """Inside: the backbone's attention (switched by use_for) attends `cache.past` once, for every row of the pass."""
+    token = _PASS.set(_OnePast(cache))
     try:
         yield
     finally:

@@ -68,7 +68,7 @@ class PaddedBackend:
 
     def _run_on_one_past(self, fwd: ForwardPass, ids: torch.Tensor, offsets: np.ndarray, past: KV) -> PassOutput:
         cache = shared_past.SharedPastCache(past)
-        with shared_past.attending_one_past(cache, *ids.shape):
+        with shared_past.attending_one_past(cache):
             hidden, _ = self.model.hidden_states(ids.to(self.device), past_key_values=cache)  # [B, T, H]
         promises = read_promises(self.model, hidden, offsets, fwd.wanted, self.device)
         kv_rows = None
