@@ -96,7 +96,7 @@ class VllmRunner:
         work = Path(tempfile.mkdtemp(prefix="agentprm-vllm-")) if own else Path(workdir)
         try:
             export = export_for_vllm(checkpoint, work / "model", arch=EXPORT_ARCH, overwrite=True)
-            process = VllmProcess(export, config, work, device_type).start()
+            process = VllmProcess(export, config, work, device_type, remove_workdir_if_orphaned=own).start()
         except BaseException:
             if own:
                 shutil.rmtree(work, ignore_errors=True)
