@@ -1,6 +1,6 @@
 """The managed vLLM process dies with `agentprm serve --backend vllm`, however the server dies, also while vLLM
-is still starting (service/engine/vllm_supervisor.py), and vLLM's start-up failures stay one line with its exit
-code. Default suite: a stand-in for vLLM's interpreter (a shell script given as --vllm-python) plays a vLLM
+is still starting (service/engine/vllm_supervisor.py); vLLM's start-up failures stay one line with its exit
+code, and a checkpoint vLLM cannot serve is refused in one line before vLLM starts. Default suite: a stand-in for vLLM's interpreter (a shell script given as --vllm-python) plays a vLLM
 that is starting: it ignores SIGTERM, as vLLM's API server does until its engine is up (minutes on a CPU), and
 has a worker process. The real vLLM is checked in test_vllm_backend.py (marker `vllm`).
 """
@@ -108,3 +108,18 @@ def test_a_vllm_that_fails_to_start_is_one_line_with_its_exit_code(checkpoint, t
                                             "the stand-in refuses to start")
     assert "Traceback" not in err and "serving" not in out
 
+
+
+def test_a_head_vllm_cannot_serve_is_refused_in_one_line_before_vllm_starts(tmp_path):
+    from model_store.importers import import_value_model
+    from tests.model_store import public_prms
+
+    public_prms.qwen_prm(tmp_path / "src")  # Linear-ReLU-Linear head: no LAST/ALL classifier in vLLM 0.32
+    import_value_model(tmp_path / "src", tmp_path / "ckpt", name="qprm")
+    pid_file = tmp_path / "pids"
+    server = serve(tmp_path / "ckpt", script(tmp_path, "python", STARTING_VLLM), {"FAKE_VLLM_PIDS": str(pid_file)})
+    out, err = server.communicate(timeout=120)
+    assert server.returncode == 1
+    assert err.strip().splitlines()[-1].startswith(
+        f"agentprm: error: vLLM cannot serve {tmp_path / 'ckpt'}: an mlp value head is served by vLLM 0.32 only")
+    assert not pid_file.exists()  # vLLM was never started
