@@ -181,7 +181,7 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
     from clients.sdk import PRMClient
     from envs.report import write_report
     from envs.summary import summarise
-    from envs.verifiers import ForwardChooser, RandomChooser, oracle_bon, shortest_bon
+    from envs.verifiers import ForwardChooser, RandomChooser, oracle_bon, shortest_bon, turn_states
     from envs.base import derive_seed
 
     work, out = Path(config.work), Path(config.out)
@@ -247,6 +247,7 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
         "test": {"episodes": [list(e) for e in test["episodes"]],
                  "levels": [level for level, _ in test["episodes"]],
                  "state_levels": [s["level"] for s in test["states"]],
+                 "turn_levels": [test["states"][i]["level"] for i in turn_states(test["states"])],
                  "states": len(test["states"]),
                  "optimal_sizes": [len(s["optimal"]) for s in test["states"]],
                  "forward_optimal": [int("move forward" in s["optimal"]) for s in test["states"]],

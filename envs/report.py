@@ -180,7 +180,11 @@ def render_readme(summary: dict, analysis: str | None = None) -> str:
         "the mean over its seeds, with the seeds' [min, max]; baselines show a 95% Wilson interval.",
         f"- Step-level check: {test['states']} states of the expert's test trajectories where not every action is "
         "equally good. An action is *optimal* if the expert, playing on after it, succeeds in the fewest steps "
-        "(several often tie). Each verifier scores all six actions at each state (`/v1/beam-expand`).",
+        "(several often tie). Each verifier scores all six actions at each state (`/v1/beam-expand`). \"The "
+        f"optimal turn above the other\": at the {len(test.get('turn_levels', []))} of those states where exactly "
+        "one of the two turns is optimal, is it scored strictly above the other turn (a coin flip gets 0.5; a "
+        "model that scores an action by the state's value plus a bias for the action, blind to where the "
+        "target lies, cannot beat it).",
         f"- Beam search: B beams x K candidates *sampled* from the sampling policy (noisy expert, epsilon "
         f"{t['sample_epsilon']}), duplicates merged; the best B (beam, candidate) pairs by promise survive; the "
         "answer is the finished beam with the highest promise.",
@@ -193,10 +197,11 @@ def render_readme(summary: dict, analysis: str | None = None) -> str:
         "",
         "## Step-level discrimination on held-out levels",
         "",
-        *_table(summary, ["top_optimal", "top_expert"], ["top action is optimal", "top action is the expert's"],
+        *_table(summary, ["top_optimal", "top_expert", "turn_direction"],
+                ["top action is optimal", "top action is the expert's", "the optimal turn above the other"],
                 ("forward", "uniform", "random")),
         "",
-        *_tests_table(summary, ["top_optimal"], ("forward", "uniform", "random")),
+        *_tests_table(summary, ["top_optimal", "turn_direction"], ("forward", "uniform", "random")),
         "",
         "## Step-level beam search",
         "",

@@ -25,17 +25,22 @@ def _figures(records: dict) -> dict[str, list[float]]:
         out[f"bon_hard@{n}"] = outcomes
     for setting, record in records.get("beam", {}).items():
         out[f"beam {setting}"] = record["outcomes"]
-    for key in ("top_optimal", "top_expert"):
-        if key in records.get("steps", {}):
+    for key in STEP_FIGURES:
+        if records.get("steps", {}).get(key):  # none when no test state has exactly one optimal turn
             out[key] = records["steps"][key]
     if "success" in records:
         out["success"] = records["success"]
     return out
 
 
+STEP_FIGURES = ("top_optimal", "top_expert", "turn_direction")
+
+
 def _levels_for(figure: str, records: dict) -> list[str]:
     test = records["test"]
-    return test["state_levels"] if figure in ("top_optimal", "top_expert") else test["levels"]
+    if figure == "turn_direction":
+        return test["turn_levels"]
+    return test["state_levels"] if figure in STEP_FIGURES else test["levels"]
 
 
 def baseline_figures(records: dict) -> dict[str, dict[str, list[float]]]:
@@ -49,6 +54,8 @@ def baseline_figures(records: dict) -> dict[str, dict[str, list[float]]]:
     out.setdefault("forward", {}).update(top_optimal=test["forward_optimal"], top_expert=test["forward_expert"])
     out["uniform"] = {"top_optimal": [k / 6 for k in test["optimal_sizes"]],
                       "top_expert": [1 / 6] * len(test["optimal_sizes"])}
+    if test.get("turn_levels"):  # a coin flip between the two turns
+        out["uniform"]["turn_direction"] = [0.5] * len(test["turn_levels"])
     return out
 
 

@@ -16,7 +16,10 @@ Contract:
 - `evaluate_beam`: beam search (`clients.search.beam_search`) on every episode for every (B, K).
 - `step_discrimination`: at every state of the held-out expert trajectories, the chooser's promises for all
   six actions (one /v1/beam-expand per episode); per state: is the top action optimal (`envs.stepcheck`:
-  least steps to success with the expert playing on) and is it the expert's own action.
+  least steps to success with the expert playing on) and is it the expert's own action; and, at the states
+  where exactly one of the two turns is optimal (`turn_states`), is that turn scored above the other. The
+  last isolates what a verifier must read from the observation to rank actions (where the target lies): a
+  model that scores Q(s, a) as V(s) + b(a) is at chance there (0.5) whatever its other figures.
 """
 
 from __future__ import annotations
@@ -165,9 +168,18 @@ def expert_states(expert_trajectories: list[dict], env_factory: Callable[[str], 
     return states
 
 
+def turn_states(states: list[dict]) -> list[int]:
+    """Indices of the states where exactly one of "turn left" and "turn right" is optimal."""
+    return [i for i, s in enumerate(states) if ("turn left" in s["optimal"]) != ("turn right" in s["optimal"])]
+
+
 def step_discrimination(chooser, states: list[dict]) -> dict[str, list[int]]:
-    """{"top_optimal": [0/1 per state], "top_expert": [0/1 per state], "top": [action per state]}."""
+    """{"top_optimal": [0/1 per state], "top_expert": [0/1 per state], "top": [action per state],
+    "turn_direction": [0/1 per state of `turn_states`: the optimal turn scored strictly above the other]}."""
     top_optimal, top_expert, tops = [], [], []
+    turn_right_of: dict[int, bool] = {}
+    left, right = ACTIONS.index("turn left"), ACTIONS.index("turn right")
+    index = {id(s): i for i, s in enumerate(states)}
     by_episode: dict[tuple, list[dict]] = {}
     for state in states:
         by_episode.setdefault((state["level"], state["seed"]), []).append(state)
@@ -180,7 +192,10 @@ def step_discrimination(chooser, states: list[dict]) -> dict[str, list[int]]:
             tops.append(top)
             top_optimal.append(int(top in state["optimal"]))
             top_expert.append(int(top == state["expert"]))
-    return {"top_optimal": top_optimal, "top_expert": top_expert, "top": tops}
+            if promises[left].promise != promises[right].promise:
+                turn_right_of[index[id(state)]] = promises[right].promise > promises[left].promise
+    turn = [int(turn_right_of.get(i) == ("turn right" in states[i]["optimal"])) for i in turn_states(states)]
+    return {"top_optimal": top_optimal, "top_expert": top_expert, "top": tops, "turn_direction": turn}
 
 
 def discrimination_baselines(states: list[dict]) -> dict[str, float]:

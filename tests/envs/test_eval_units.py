@@ -21,7 +21,7 @@ from envs.stats import paired_test, per_level, spread, wilson  # noqa: E402
 from envs.stepcheck import action_costs, optimal_actions  # noqa: E402
 from envs.summary import summarise  # noqa: E402
 from envs.verifiers import (ForwardChooser, RandomChooser, bon_picks, evaluate_beam, expert_states,  # noqa: E402
-                            sampled_proposals, step_discrimination)
+                            sampled_proposals, step_discrimination, turn_states)
 from tests.conftest import trajectory_json  # noqa: E402
 
 LEVEL = "BabyAI-GoToRedBall-v0"
@@ -206,3 +206,37 @@ def test_summary_averages_seeds_and_tests_against_baselines():
     assert beam["per_level"]["L1"]["rate"] == 0.5
     top = summary["methods"]["agentprm"]["top_optimal"]
     assert top["paired"]["forward"]["diff"] == 1.0 and top["paired"]["uniform"]["diff"] == pytest.approx(5 / 6)
+
+
+def test_turn_direction_reads_only_states_with_one_optimal_turn():
+    """The figure a V(s) + b(a) model cannot beat: among states where exactly one turn is optimal, is that
+    turn scored above the other; ties count as misses and other states are not counted."""
+    states = [{"level": "L", "seed": 1, "task": "t", "steps": [], "observation": f"o{i}", "expert": e, "optimal": opt}
+              for i, (e, opt) in enumerate([("turn left", ["turn left"]), ("turn right", ["turn right"]),
+                                            ("move forward", ["move forward"]),
+                                            ("turn left", ["turn left", "turn right"]), ("turn right", ["turn right"])])]
+    assert turn_states(states) == [0, 1, 4]
+
+    class Scores:  # "turn right" above "turn left" except at o4, where the two tie
+        def beam_expand(self, beams, beam_width):
+            def promise(beam, a):
+                if a == "turn right":
+                    return 0.5 if beam["observation"] == "o4" else 0.7
+                return 0.5 if a == "turn left" else 0.1
+            return SimpleNamespace(candidates=[[SimpleNamespace(promise=promise(b, a)) for a in b["candidates"]]
+                                               for b in beams])
+
+    assert step_discrimination(Scores(), states)["turn_direction"] == [0, 1, 0]
+    assert step_discrimination(ForwardChooser(0), states[2:3])["turn_direction"] == []
+
+
+def test_summary_sets_turn_direction_against_a_coin_flip():
+    test = {"levels": ["L1"] * 2, "state_levels": ["L1"] * 4, "turn_levels": ["L1", "L2"], "optimal_sizes": [1] * 4,
+            "forward_optimal": [0] * 4, "forward_expert": [0] * 4}
+    records = {"config": {"beams": []}, "test": test, "baselines": {},
+               "runs": [{"method": "agentprm", "seed": s,
+                         "records": {"steps": {"top_optimal": [1] * 4, "top_expert": [1] * 4,
+                                               "turn_direction": [1, s]}}} for s in (0, 1)]}
+    turn = summarise(records)["methods"]["agentprm"]["turn_direction"]
+    assert turn["seeds"]["mean"] == 0.75 and turn["paired"]["uniform"]["diff"] == 0.25
+    assert turn["per_level"]["L2"]["rate"] == 0.5 and turn["per_level"]["L1"]["rate"] == 1.0
