@@ -240,3 +240,25 @@ def test_summary_sets_turn_direction_against_a_coin_flip():
     turn = summarise(records)["methods"]["agentprm"]["turn_direction"]
     assert turn["seeds"]["mean"] == 0.75 and turn["paired"]["uniform"]["diff"] == 0.25
     assert turn["per_level"]["L2"]["rate"] == 0.5 and turn["per_level"]["L1"]["rate"] == 1.0
+
+
+def test_direction_probe_rewards_turning_toward_the_named_object(tmp_path):
+    import json
+    import random
+
+    from envs.direction_probe import main, probe_trajectory
+
+    rng = random.Random(3)
+    for _ in range(200):
+        row = probe_trajectory(rng, 3)
+        step = row["steps"][0]
+        target = row["task"].removeprefix("go to the ")
+        mention = next(p for p in step["observation"].removeprefix("You see ").split(". Walls")[0].split(", ")
+                       if p.startswith(f"a {target} "))
+        assert "ahead" not in mention and mention.endswith(row["meta"]["side"])  # purely to one side
+        assert row["reward"] == float(step["action"].endswith(row["meta"]["side"]))
+        assert step["observation"].count(f"a {target} ") == 1  # no distractor is the target itself
+    out = tmp_path / "probe.jsonl"
+    main(["--out", str(out), "--n", "50", "--seed", "1"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 50 and 0 < sum(r["reward"] for r in rows) < 50
