@@ -235,7 +235,7 @@ def run_bench(args, log=print):
                 continue
             system = make_system(name, path, work_dir / key,
                                  dtype=args.dtype if name == "ours" and args.dtype != "auto" else
-                                 (ours_dtype if name in VLLM_SYSTEMS else None))
+                                 (ours_dtype if name in (*VLLM_SYSTEMS, "ours-vllm") else None))
             log(f"bench: [{key}] starting {name}")
             try:
                 system.start()

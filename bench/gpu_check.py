@@ -14,6 +14,9 @@ its own try block (a failure or an exception is reported and the next section ru
                    shared prefixes in one bucket, of the past path (suffixes on a prefix), of a grown history
                    hitting the cache on a second call, and the KV the cache keeps against an eager forward
   packed-<dtype>   the packed backend with varlen attention (FlexAttention on a GPU) == eager padded
+  shared-past      a rerank's suffix pass on one long past, bf16 and fp32: the padded backend attending the
+                   past once == transformers' per-row copies == packed varlen, and the pass's peak memory
+                   (GPU: allocator peak; CPU: its largest tensor) against one copy of the past per candidate
   two-devices      the served engine on cuda:1 == cuda:0, with no memory allocated on cuda:0 by it
   throughput       W1-like (trajectories of mixed lengths) and W3-like (short candidates on shared
                    histories) tokens/s: padded eager, padded + graphs, packed varlen (figures, not asserted)
@@ -301,6 +304,72 @@ def served(setup: Setup, dtype, backend: str = "padded", graphs_on: bool = True)
     return section
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def shared_past_pass(setup: Setup):
+    def section(report: Section):
+        from service.engine.backends.base import ForwardPass
+        from service.engine.backends.packed import PackedBackend
+        from service.engine.backends.padded import PaddedBackend
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from transformers import DynamicCache
+
+        class Largest(TorchDispatchMode):
+            largest = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        self.largest = max(self.largest, t.numel() * t.element_size())
+                return out
+
+        rows, length, past_len = (64, 12, 2000) if setup.on_gpu else (16, 6, 256)
+        for dtype in (torch.bfloat16, torch.float32):
+            loaded = load(setup, dtype)
+            model, config = loaded.model, loaded.model.backbone.config
+            gen = torch.Generator().manual_seed(5)
+            with torch.inference_mode():
+                cache = DynamicCache()
+                model.hidden_states(torch.randint(3, config.vocab_size, (1, past_len), generator=gen).to(setup.device),
+                                    past_key_values=cache)
+                past = [(layer.keys, layer.values) for layer in cache.layers]  # [1, kvh, P, hd]
+            past_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in past)  # keys + values, every layer
+            seqs = [tuple(int(t) for t in torch.randint(3, config.vocab_size, (length,), generator=gen))
+                    for _ in range(rows)]
+            fwd = ForwardPass(seqs, [past] * rows, [np.arange(length)] * rows, keep_kv=True)
+            results, peaks = {}, {}
+            for name, backend in (("once", PaddedBackend(model, setup.device, one_past=True)),
+                                  ("copies", PaddedBackend(model, setup.device, one_past=False)),
+                                  ("packed", PackedBackend(model, setup.device, attention="varlen"))):
+                with torch.inference_mode():
+                    if setup.on_gpu:
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        out = backend.run(fwd)
+                        torch.cuda.synchronize()
+                        peaks[name] = torch.cuda.max_memory_allocated() - base
+                    else:
+                        with Largest() as spy:
+                            out = backend.run(fwd)
+                        peaks[name] = spy.largest
+                results[name] = np.concatenate(out.promises)
+            label = str(dtype)[6:]
+            for other in ("copies", "packed"):
+                ok, err = close(results["once"], results[other], PROMISE_TOL[dtype])
+                report.check(f"{label}: padded one past == {other}", ok, f"max |diff| {err:.1e}")
+            measure = "peak allocated" if setup.on_gpu else "largest tensor"
+            report.check(f"{label}: one past holds less than a copy per candidate",
+                         peaks["once"] < rows * past_bytes / 2,
+                         f"{measure}: once {_size(peaks['once'])}, copies {_size(peaks['copies'])}, packed "
+                         f"{_size(peaks['packed'])}; {rows} x past = {_size(rows * past_bytes)}")
+            del loaded, model, past, cache
+    return section
+
+
 def two_devices(setup: Setup):
     def section(report: Section):
         if not setup.on_gpu or torch.cuda.device_count() < 2:
@@ -408,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             name = str(dtype)[6:]
             sections += [(f"graphs-{name}", graphs(setup, dtype)), (f"served-{name}", served(setup, dtype)),
                          (f"packed-{name}", served(setup, dtype, backend="packed"))]
-        sections += [("two-devices", two_devices(setup)), ("throughput", throughput(setup))]
+        sections += [("shared-past", shared_past_pass(setup)), ("two-devices", two_devices(setup)),
+                     ("throughput", throughput(setup))]
         results = run_sections([(n, fn) if n not in args.skip else (n, _skipped_by_flag) for n, fn in sections],
                                args.budget_s)
     return summary(results, time.perf_counter() - start)

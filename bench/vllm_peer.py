@@ -123,8 +123,9 @@ def _promise_column(row) -> float:
 
 def offline_score(export_dir: Path | str, ids_lists, *, pooling: str = "all", repeat: int = 1,
                   omp_threads_bind: str | None = None, timeout_s: float = 600, dtype: str = "float32",
-                  venv: Path | str = VENV_DIR) -> dict:
-    """Score token-id lists with vllm.LLM in a `.venv-vllm` subprocess (bench/vllm_worker.py).
+                  venv: Path | str = VENV_DIR, eager: bool = False) -> dict:
+    """Score token-id lists with vllm.LLM in a `.venv-vllm` subprocess (bench/vllm_worker.py); `eager`: without
+    vLLM's torch.compile warm-up (numerical checks).
 
     Returns {"promises": per-prompt readout promises (see `select_readouts`), "start_s", "runs", ...}.
     """
@@ -139,6 +140,7 @@ def offline_score(export_dir: Path | str, ids_lists, *, pooling: str = "all", re
         inp.write_text(json.dumps({"ids": ids_lists}))
         cmd = [str(vllm_python(venv)), str(WORKER), "--model", str(export.path), "--pooling", pooling,
                "--input", str(inp), "--output", str(outp), "--repeat", str(repeat), "--dtype", dtype]
+        cmd += ["--eager"] if eager else []
         with open(log, "wb") as log_f:
             proc = subprocess.run(cmd, stdout=log_f, stderr=subprocess.STDOUT, cwd=tmp, timeout=timeout_s,
                                   env=vllm_env(omp_threads_bind))

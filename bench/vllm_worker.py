@@ -1,7 +1,7 @@
 """Offline vLLM scoring worker: run with the `.venv-vllm` python, never imported by the project.
 
 Contract: `python bench/vllm_worker.py --model EXPORT_DIR --pooling step|all|last --input IN.json --output OUT.json
-[--repeat N] [--dtype float32|bfloat16]`. "last": `PoolerConfig(pooling_type="LAST")`, pooling task "classify"
+[--repeat N] [--dtype float32|bfloat16] [--eager]`. "last": `PoolerConfig(pooling_type="LAST")`, pooling task "classify"
 (one row per prompt), prefix caching on (vLLM's default for it). IN.json is {"ids": [[int, ...], ...]} (token ids exactly as our renderer produced them).
 The worker builds `vllm.LLM(model=EXPORT_DIR, runner="pooling", dtype="float32", pooler_config=...)`
 with `PoolerConfig(pooling_type="STEP", step_tag_id=<|end|> id, use_activation=True)` for "step" and
@@ -12,6 +12,9 @@ raw logits), then calls `LLM.encode([TokensPrompt(prompt_token_ids=ids) ...], po
 prompt]}, where each output is the promise column
 (the last label) of vLLM's pooled rows: one row per <|end|> token with "step", one per token with "all".
 Selecting the readout positions from "all" rows is the caller's job (bench.vllm_peer.select_readouts).
+vLLM's activation is on unless the export says its head has none (`activation: false` in agentprm_vllm.json: an
+identity head's raw value). `--eager` skips vLLM's torch.compile and graph warm-up (minutes on a busy CPU): for
+numerical checks, not for timing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--eager", action="store_true", help="enforce_eager: no torch.compile (checks, not timing)")
     args = parser.parse_args(argv)
     if not 1 <= args.repeat <= 100:
         parser.error("--repeat must be in [1, 100]")
@@ -42,15 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((Path(args.model) / "agentprm_vllm.json").read_text())
     ids = json.loads(Path(args.input).read_text())["ids"]
     task = "classify" if args.pooling == "last" else "token_classify"
+    activation = bool(meta.get("activation", True))
     if args.pooling == "last":
-        pooler_config = PoolerConfig(pooling_type="LAST", use_activation=True)
+        pooler_config = PoolerConfig(pooling_type="LAST", use_activation=activation)
     elif args.pooling == "step":
-        pooler_config = PoolerConfig(pooling_type="STEP", step_tag_id=meta["end_id"], use_activation=True)
+        pooler_config = PoolerConfig(pooling_type="STEP", step_tag_id=meta["end_id"], use_activation=activation)
     else:
-        pooler_config = PoolerConfig(pooling_type="ALL", use_activation=True)
+        pooler_config = PoolerConfig(pooling_type="ALL", use_activation=activation)
     t0 = time.perf_counter()
     llm = LLM(model=args.model, runner="pooling", dtype=args.dtype, max_model_len=meta["max_seq_len"],
-              pooler_config=pooler_config, seed=0)
+              pooler_config=pooler_config, seed=0, enforce_eager=args.eager)
     start_s = time.perf_counter() - t0
     prompts = [TokensPrompt(prompt_token_ids=list(map(int, x))) for x in ids]
     runs, outputs = [], []

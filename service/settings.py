@@ -58,9 +58,10 @@ class ServerSettings(BaseSettings):
     max_queue_delay_s: float = Field(_ENGINE.max_queue_delay_s, ge=0,
         description="Queued work, in seconds at the measured throughput, beyond which requests get 429 (0: no "
                     "bound)")
-    prefix_cache_bytes: int = Field(_ENGINE.prefix_cache_bytes, ge=0,
-        description="Bytes of KV the cross-request prefix cache may hold (0: off); one buffer of this size, "
-                    "reused on eviction")
+    prefix_cache_bytes: int | Literal["auto"] = Field("auto",
+        description="Bytes of KV the cross-request prefix cache may hold (0: off), or auto: 40 percent of the GPU "
+                    "memory free after the model, the graphs and the backend (at least 256 MiB), 256 MiB on a CPU; "
+                    "one buffer of this size, reused on eviction")
     prefix_block_size: int = Field(_ENGINE.prefix_block_size, ge=1, le=4096,
         description="Tokens per prefix-cache block (a prefix is reused in whole blocks)")
     share_prefixes: bool = Field(_ENGINE.share_prefixes,
@@ -152,6 +153,21 @@ class ServerSettings(BaseSettings):
             _check_key(key)
         return keys
 
+    @field_validator("prefix_cache_bytes", mode="before")
+    @classmethod
+    def _bytes_or_auto(cls, value):
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if value == "auto":
+                return value
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError("expected auto or a number of bytes (0: no cache)") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError("expected auto or a number of bytes >= 0 (0: no cache)")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
@@ -224,7 +240,8 @@ class ServerSettings(BaseSettings):
         return EngineConfig(device=self.device, max_batch_tokens=self.max_batch_tokens, max_wait_ms=self.max_wait_ms,
                             max_queue_jobs=self.max_queue_jobs, max_queue_tokens=self.max_queue_tokens,
                             max_forward_tokens=self.max_forward_tokens, max_trajectories=self.max_trajectories,
-                            max_candidates=self.max_candidates, prefix_cache_bytes=self.prefix_cache_bytes,
+                            max_candidates=self.max_candidates,
+                            prefix_cache_bytes=None if self.prefix_cache_bytes == "auto" else self.prefix_cache_bytes,
                             prefix_block_size=self.prefix_block_size, share_prefixes=self.share_prefixes,
                             backend=self.backend, dtype=self.dtype, cuda_graphs=self.cuda_graphs,
                             max_queue_delay_s=self.max_queue_delay_s,

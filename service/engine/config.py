@@ -14,6 +14,9 @@ from service.engine.vllm_server import VllmConfig
 BACKENDS = ("auto", "packed", "padded", "vllm")
 DTYPES = ("auto", "float32", "bfloat16")  # model_store.precision.resolve_dtype
 DEFAULT_FORWARD_TOKENS = {"cpu": 2048, "cuda": 8192}  # CPU: bench/cpu_kernels.py measures it
+# prefix_cache_bytes=None (auto): this on a CPU; on a GPU a share of the memory free after the model, the graphs
+# and the backend, never less than this (service.engine.device_setup.prefix_cache_bytes).
+AUTO_PREFIX_CACHE_BYTES = 256 * 1024 * 1024
 _SCHEDULER = SchedulerConfig()
 
 
@@ -27,7 +30,7 @@ class EngineConfig:
     max_forward_tokens: int = 0  # 0: auto, DEFAULT_FORWARD_TOKENS for the device
     max_trajectories: int = 256
     max_candidates: int = 512
-    prefix_cache_bytes: int = 256 * 1024 * 1024  # 0 disables the cross-request cache
+    prefix_cache_bytes: int | None = None  # None: auto (AUTO_PREFIX_CACHE_BYTES, more on a GPU); 0: no cache
     prefix_block_size: int = 32
     share_prefixes: bool = True  # compute a request's shared prefix once
     max_queue_delay_s: float = _SCHEDULER.max_queue_delay_s  # 429 when queued work would take longer; 0: no bound

@@ -1,4 +1,5 @@
-"""CUDA graphs for the small fixed-shape scoring passes (no KV cache in, none out).
+"""CUDA graphs for the small fixed-shape scoring passes (no KV cache in; passes with a past stay eager, for the
+reasons service/engine/backends/cuda_graphs.py gives with numbers).
 
 Contract: `GraphRunner(model, buckets=[(B, T), ...], device).maybe_run(input_ids [b, t], flat_index [N])`
 returns the promises `[N]` (float32, on the device; equal to `model.readout(model.hidden_states(ids)[0],

@@ -5,8 +5,8 @@
 - the value-head kernel: probe-compiles Triton (model_store.kernels.probe_triton) and falls back to torch
   with a warning when it cannot build (an image without a C compiler or Python headers); when Triton stays,
   compiles the variants live requests need (warm_triton), so no request pays a compile.
-- the prefix cache's size on a GPU: from the memory left after the model and the graphs
-  (`prefix_cache_bytes`).
+- the prefix cache's size when left to auto: on a GPU, from the memory left after the model, the graphs and the
+  backend (`prefix_cache_bytes`).
 Nothing here runs on a CPU except the choice of kernel (always torch there, unless TRITON_INTERPRET=1).
 """
 
@@ -19,6 +19,7 @@ import torch
 
 from model_store import kernels
 from model_store.modeling import activate_device
+from service.engine.config import AUTO_PREFIX_CACHE_BYTES
 
 log = logging.getLogger("agentprm.engine")
 
@@ -41,15 +42,18 @@ def prepare_kernels(model, device: torch.device) -> str:
     return kernel
 
 
-def prefix_cache_bytes(configured: int, default: int, device: torch.device, free_bytes: int | None = None) -> int:
-    """The prefix cache's byte bound. 0 disables it; a value other than the default is kept as set. On a GPU,
-    the default becomes CACHE_SHARE_OF_FREE of the free device memory (a fixed 256 MiB holds ~4.6k tokens of
-    a 7B model's KV, whatever the GPU), never less than the default."""
-    if configured == 0 or configured != default or device.type != "cuda":
+def prefix_cache_bytes(configured: int | None, device: torch.device, free_bytes: int | None = None) -> int:
+    """The prefix cache's byte bound. A number is kept as set (0: no cache). None (auto): on a GPU,
+    CACHE_SHARE_OF_FREE of the device memory free now (call it after the model, the graphs and the backend took
+    theirs; a fixed 256 MiB holds ~4.6k tokens of a 7B model's KV, whatever the GPU), never less than
+    AUTO_PREFIX_CACHE_BYTES; elsewhere AUTO_PREFIX_CACHE_BYTES."""
+    if configured is not None:
         return configured
+    if device.type != "cuda":
+        return AUTO_PREFIX_CACHE_BYTES
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
-    sized = max(default, int(free_bytes * CACHE_SHARE_OF_FREE))
-    log.info("prefix cache: %.0f MiB (%.0f%% of %.0f MiB free on %s)", sized / 2**20, CACHE_SHARE_OF_FREE * 100,
-             free_bytes / 2**20, device)
+    sized = max(AUTO_PREFIX_CACHE_BYTES, int(free_bytes * CACHE_SHARE_OF_FREE))
+    log.info("prefix cache: auto, %.0f MiB (%.0f%% of %.0f MiB free on %s)", sized / 2**20,
+             CACHE_SHARE_OF_FREE * 100, free_bytes / 2**20, device)
     return sized

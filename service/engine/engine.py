@@ -57,12 +57,15 @@ class PRMEngine(EngineClient):
             dtype = DtypeChoice(str(next(loaded.model.backbone.parameters()).dtype).removeprefix("torch."), "as loaded")
         self.dtype = dtype or DtypeChoice("float32", "default")
         self.renderer = make_renderer(loaded.tokenizer, loaded.manifest.template)
-        # vLLM keeps its own prefix cache; ours holds nothing then.
-        cache_bytes = 0 if runner is not None else device_setup.prefix_cache_bytes(
-            config.prefix_cache_bytes, EngineConfig.prefix_cache_bytes, self.device)
-        self.cache = PrefixCache(cache_bytes, config.prefix_block_size)
         self.kernel = None
         self.runner = runner if runner is not None else self._torch_runner(loaded, config)
+        # Sized once the model, the graphs and the backend hold their memory (auto on a GPU reads what is left);
+        # vLLM keeps its own prefix cache, ours holds nothing then.
+        cache_bytes = 0 if runner is not None else device_setup.prefix_cache_bytes(config.prefix_cache_bytes,
+                                                                                    self.device)
+        self.cache = PrefixCache(cache_bytes, config.prefix_block_size)
+        if runner is None:
+            self.runner.cache = self.cache
         self.scheduler = Scheduler(self.runner.run_batch, config.scheduler_config(), on_batch=self._record_batch)
         self.metrics.queue_depth.set_function(lambda: self.scheduler.queue_depth)
         self.metrics.queue_tokens.set_function(lambda: self.scheduler.queued_tokens)
@@ -87,7 +90,7 @@ class PRMEngine(EngineClient):
             if not graphs.enabled:
                 log.warning("CUDA graphs off: %s", graphs.disabled_reason)
         return TorchRunner(loaded.model, self.device, pad_id=pad_id,
-                           max_forward_tokens=config.forward_tokens(self.device.type), cache=self.cache,
+                           max_forward_tokens=config.forward_tokens(self.device.type),
                            marker_ids=self.renderer.readout_token_ids,
                            backend=config.backend, graphs=graphs)
 

@@ -119,6 +119,54 @@ class _Varlen:
         return (self.kv_past[k] == self.q_past[q]) | own
 
 
+def varlen_layout(lengths: list[int], pasts: list[KV | None], device, block_sparse: bool = False) -> _Varlen:
+    """The one-call attention layout of sequences of `lengths` tokens, each continuing pasts[s] (None: none).
+    Pasts are told apart by identity: sequences that continue the same object share its keys. With
+    `block_sparse`, also FlexAttention's block mask (CUDA); otherwise the dense mask is made at first use."""
+    distinct: dict[int, int] = {}
+    unique: list[KV] = []
+    for past in pasts:
+        if past is not None and id(past) not in distinct:
+            distinct[id(past)] = len(unique)
+            unique.append(past)
+    n = sum(lengths)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [N]
+    pos = torch.cat([torch.arange(length) for length in lengths])  # [N]
+    q_past = torch.tensor([distinct[id(p)] if p is not None else -1 for p in pasts])[seq]  # [N]
+    past_keys = sum(p[0][0].shape[2] for p in unique)
+    kv_past = torch.cat([*(torch.full((p[0][0].shape[2],), i) for i, p in enumerate(unique)),
+                         torch.full((n,), -2)])  # [K]
+    layout = _Varlen(unique, seq.to(device), pos.to(device), q_past.to(device), kv_past.to(device),
+                     torch.cat([torch.full((past_keys,), -1), seq]).to(device),
+                     torch.cat([torch.full((past_keys,), -1), pos]).to(device))
+    if block_sparse:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        layout.block_mask = create_block_mask(lambda b, h, q, k: layout.allowed(q, k), None, None, n,
+                                              past_keys + n, device=device)
+    return layout
+
+
+def attend_varlen(layout: _Varlen, li: int, q, k, v, flex=None, scale: float | None = None) -> torch.Tensor:
+    """q [N, nh, hd], k/v [N, kvh, hd] (the new tokens of layer li) -> [N, nh, hd]: every token in one call, each
+    distinct past's keys concatenated once (never once per sequence). `flex`: FlexAttention with the layout's
+    block mask; otherwise SDPA with its dense [N, K] mask. `scale`: None is 1/sqrt(hd)."""
+    keys = torch.cat([p[li][0] for p in layout.pasts] + [k.transpose(0, 1).unsqueeze(0)], dim=2)  # [1, kvh, K, hd]
+    values = torch.cat([p[li][1] for p in layout.pasts] + [v.transpose(0, 1).unsqueeze(0)], dim=2)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # KV kept in the projections' dtype
+    query = q.transpose(0, 1).unsqueeze(0)  # [1, nh, N, hd]
+    gqa = q.shape[1] != k.shape[1]
+    if layout.block_mask is not None and flex is not None:
+        out = flex(query, keys, values, block_mask=layout.block_mask, enable_gqa=gqa, scale=scale)
+    else:
+        if layout.dense is None:
+            layout.dense = layout.allowed(torch.arange(query.shape[2], device=query.device)[:, None],
+                                          torch.arange(keys.shape[2], device=query.device)[None, :])  # [N, K]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=layout.dense, enable_gqa=gqa,
+                                             scale=scale)
+    return out[0].transpose(0, 1)  # [N, nh, hd]
+
+
 def _flex_attention(compiled: bool):
     """flex_attention, compiled for the GPU (block-sparse: masked-out blocks cost nothing); None if unavailable.
     Uncompiled it runs the dense reference (tests on the CPU)."""
@@ -216,44 +264,10 @@ class PackedQwen2:
         return units
 
     def _varlen(self, lengths: list[int], pasts: list[KV | None], device) -> _Varlen:
-        distinct: dict[int, int] = {}
-        unique: list[KV] = []
-        for past in pasts:
-            if past is not None and id(past) not in distinct:
-                distinct[id(past)] = len(unique)
-                unique.append(past)
-        n = sum(lengths)
-        seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))  # [N]
-        pos = torch.cat([torch.arange(length) for length in lengths])  # [N]
-        q_past = torch.tensor([distinct[id(p)] if p is not None else -1 for p in pasts])[seq]  # [N]
-        past_keys = sum(p[0][0].shape[2] for p in unique)
-        kv_past = torch.cat([*(torch.full((p[0][0].shape[2],), i) for i, p in enumerate(unique)),
-                             torch.full((n,), -2)])  # [K]
-        layout = _Varlen(unique, seq.to(device), pos.to(device), q_past.to(device), kv_past.to(device),
-                         torch.cat([torch.full((past_keys,), -1), seq]).to(device),
-                         torch.cat([torch.full((past_keys,), -1), pos]).to(device))
-        if self._flex is not None:
-            from torch.nn.attention.flex_attention import create_block_mask
-
-            layout.block_mask = create_block_mask(lambda b, h, q, k: layout.allowed(q, k), None, None, n,
-                                                  past_keys + n, device=device)
-        return layout
+        return varlen_layout(lengths, pasts, device, block_sparse=self._flex is not None)
 
     def _attend_varlen(self, layout: _Varlen, li: int, q, k, v) -> torch.Tensor:
-        """q [N, nh, hd], k/v [N, kvh, hd] -> [N, nh, hd]: every token in one call."""
-        keys = torch.cat([p[li][0] for p in layout.pasts] + [k.transpose(0, 1).unsqueeze(0)], dim=2)  # [1, kvh, K, hd]
-        values = torch.cat([p[li][1] for p in layout.pasts] + [v.transpose(0, 1).unsqueeze(0)], dim=2)
-        keys, values = keys.to(q.dtype), values.to(q.dtype)  # KV kept in the projections' dtype
-        query = q.transpose(0, 1).unsqueeze(0)  # [1, nh, N, hd]
-        gqa = self.heads != self.kv_heads
-        if layout.block_mask is not None:
-            out = self._flex(query, keys, values, block_mask=layout.block_mask, enable_gqa=gqa)
-        else:
-            if layout.dense is None:
-                layout.dense = layout.allowed(torch.arange(query.shape[2], device=query.device)[:, None],
-                                              torch.arange(keys.shape[2], device=query.device)[None, :])  # [N, K]
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=layout.dense, enable_gqa=gqa)
-        return out[0].transpose(0, 1)  # [N, nh, hd]
+        return attend_varlen(layout, li, q, k, v, flex=self._flex)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, lengths: list[int], keep_kv: bool = False,

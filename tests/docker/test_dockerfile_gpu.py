@@ -28,3 +28,14 @@ def test_runtime_stage_installs_a_compiler_and_python_headers_for_triton():
     keywords = [k for k, _ in stage]
     install = next(i for i, (k, r) in enumerate(stage) if k == "RUN" and "$TRITON_BUILD_DEPS" in r)
     assert install < keywords.index("USER")
+
+
+def test_the_local_cpu_build_leaves_the_compiler_out():
+    """docker/build-local.sh builds the CPU image (no Triton there): it empties TRITON_BUILD_DEPS for every build
+    call, and the Dockerfile installs nothing when the list is empty."""
+    script = (DOCKERFILE.parent / "docker" / "build-local.sh").read_text()
+    build_args = re.search(r"^build_args=\((.*)\)$", script, re.MULTILINE)
+    assert build_args and re.search(r"--build-arg TRITON_BUILD_DEPS=(\s|$)", build_args.group(1) + " ")
+    assert '"${build_args[@]}"' in script.split("bud=(", 1)[1].split(")", 1)[0]  # every bud call takes them
+    install = next(r for k, r in final_stage() if k == "RUN" and "$TRITON_BUILD_DEPS" in r)
+    assert re.match(r'if \[ -n "\$TRITON_BUILD_DEPS" \]; then', install), install

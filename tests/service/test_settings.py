@@ -33,6 +33,7 @@ TEXT_INVALID = {
     "api_key_file": lambda tmp: str(tmp / "no-such-keys.txt"),
     "vllm_python": lambda tmp: str(tmp / "no-such-python"),
     "vllm_extra_args": lambda tmp: "--unclosed 'quote",
+    "prefix_cache_bytes": lambda tmp: "-1",  # a number of bytes or auto
 }
 
 

@@ -43,6 +43,9 @@ class Backend(Protocol):
     # True: a pass may mix sequences with different pasts, and its token budget is the sum of the lengths.
     # False: one past shared by all sequences of a pass (or none), budget B * T_max.
     packs: bool
+    # True: a past shared by sequences of a pass is attended once (its P keys count once in the budget); False: it
+    # is copied per sequence (B x P).
+    attends_past_once: bool
 
     def run(self, fwd: ForwardPass) -> PassOutput:
         """Run one pass (ForwardPass) and return the promises it asked for."""

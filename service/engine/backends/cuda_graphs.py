@@ -1,5 +1,17 @@
 """The CUDA-graph backend: a padded pass without a past replays a captured bucket of the GraphRunner
-(service.engine.cuda_graphs) when its shape fits one; anything else runs on the padded backend."""
+(service.engine.cuda_graphs) when its shape fits one; anything else runs on the padded backend.
+
+Passes with a past (a shared prefix's suffixes, a grown history) are not graphed, on purpose. A graph fixes every
+shape, and such a pass has three: B, T and the past length P. Graphing them needs buckets over P too (the past
+copied into static [1, kvh, P_bucket, hd] buffers per layer before each replay, its padding masked, positions fed
+from a static buffer): with P in 1.5x steps from 32 to 16k tokens (16 steps) and the 49 (B, T) buckets that is
+~780 captures instead of 49 (start-up in minutes, not seconds), ~0.6 GB (0.5B model) to ~2.8 GB (7B) of static
+past buffers (sum over the P buckets, ~3 x the longest past, of KV), and a copy of the whole past per replay,
+which is about the attention's own read of it: the pass that graphs would speed up (launch-bound, small B x T on
+a long past) would pay it twice. What graphs save is the launch overhead of one pass (~35 kernel launches per layer,
+~0.8k for a 24-layer model: a few ms of host time); the runner runs one pass per prefix group, and the packed backend (`--backend
+packed`) puts every group's suffixes of a batch in one varlen pass. So pasts stay eager, attended once
+(service/engine/shared_past.py). docs/ARCHITECTURE.md says the same."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ __all__ = ["PackedBackend", "supports"]
 class PackedBackend:
     name = "packed"
     packs = True
+    attends_past_once = True
 
     def __init__(self, model: PRMModel, device: torch.device, attention: str = "auto"):
         self.model = model

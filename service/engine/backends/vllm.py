@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model_store.vllm_export import VllmExport, export_for_vllm
+from model_store.vllm_export import VllmExport, VllmExportError, export_for_vllm
 from service.engine.types import BatchResults, BatchStats, JobResult, ScoreJob
-from service.engine.vllm_server import VllmConfig, VllmProcess
+from service.engine.vllm_server import VllmConfig, VllmProcess, VllmStartError
 
 log = logging.getLogger("agentprm.vllm")
 
@@ -95,8 +95,14 @@ class VllmRunner:
         own = workdir is None
         work = Path(tempfile.mkdtemp(prefix="agentprm-vllm-")) if own else Path(workdir)
         try:
-            export = export_for_vllm(checkpoint, work / "model", arch=EXPORT_ARCH, overwrite=True)
-            process = VllmProcess(export, config, work, device_type).start()
+            try:
+                export = export_for_vllm(checkpoint, work / "model", arch=EXPORT_ARCH, overwrite=True)
+            except VllmExportError as exc:  # (an mlp head, a backbone vLLM lacks): one line, before vLLM starts
+                reason = ("an mlp value head is served by vLLM 0.32 only as Qwen2ForProcessRewardModel with "
+                          "per-token pooling (agentprm model export --arch prm), not behind --backend vllm; serve "
+                          "it with our engine") if "mlp head" in str(exc) else str(exc)
+                raise VllmStartError(f"vLLM cannot serve {checkpoint}: {reason}") from None
+            process = VllmProcess(export, config, work, device_type, remove_workdir_if_orphaned=own).start()
         except BaseException:
             if own:
                 shutil.rmtree(work, ignore_errors=True)

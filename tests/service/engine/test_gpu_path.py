@@ -1,5 +1,5 @@
 """GPU-path behaviour that can be reproduced on a CPU: the attention kernel inside a graph, the current CUDA
-device for `cuda:N`, the loud fallback of `--device auto`, and the prefix cache sized from free GPU memory."""
+device for `cuda:N`, the loud fallback of `--device auto`, and the prefix cache's auto size (free GPU memory)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from model_store import modeling
 from model_store.modeling import activate_device, load_prm, pick_device
 from service.engine import device_setup
+from service.engine.config import AUTO_PREFIX_CACHE_BYTES, EngineConfig
 from service.engine.cuda_graphs import GraphRunner
 
 
@@ -91,16 +92,56 @@ def test_device_auto_falls_back_loudly_when_the_driver_is_too_old(monkeypatch, c
         pick_device("cuda:1")
 
 
-def test_prefix_cache_is_sized_from_free_gpu_memory():
-    default = 256 * 2**20
+def test_prefix_cache_auto_is_sized_from_free_gpu_memory_and_numbers_are_kept():
+    auto, fixed = None, 256 * 2**20
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     free = 100 * 2**30  # an H200 after loading a model
-    sized = device_setup.prefix_cache_bytes(default, default, gpu, free_bytes=free)
-    assert sized == int(free * device_setup.CACHE_SHARE_OF_FREE) > 100 * default
-    assert device_setup.prefix_cache_bytes(default, default, gpu, free_bytes=2**20) == default  # never below
-    assert device_setup.prefix_cache_bytes(0, default, gpu, free_bytes=free) == 0  # disabled stays disabled
-    assert device_setup.prefix_cache_bytes(2**30, default, gpu, free_bytes=free) == 2**30  # set by hand: kept
-    assert device_setup.prefix_cache_bytes(default, default, cpu, free_bytes=free) == default
+    sized = device_setup.prefix_cache_bytes(auto, gpu, free_bytes=free)
+    assert sized == int(free * device_setup.CACHE_SHARE_OF_FREE) > 100 * fixed
+    assert device_setup.prefix_cache_bytes(auto, gpu, free_bytes=2**20) == AUTO_PREFIX_CACHE_BYTES  # never below
+    assert device_setup.prefix_cache_bytes(auto, cpu, free_bytes=free) == AUTO_PREFIX_CACHE_BYTES == fixed
+    assert device_setup.prefix_cache_bytes(0, gpu, free_bytes=free) == 0  # disabled stays disabled
+    assert device_setup.prefix_cache_bytes(2**30, gpu, free_bytes=free) == 2**30  # set by hand: kept
+    # 256 MiB asked for explicitly is 256 MiB, on a GPU too (it used to be read as "the default": auto).
+    assert device_setup.prefix_cache_bytes(fixed, gpu, free_bytes=free) == fixed
+
+
+def test_prefix_cache_auto_is_read_from_flags_and_environment(monkeypatch):
+    from service.settings import ServerSettings
+
+    monkeypatch.delenv("AGENTPRM_PREFIX_CACHE_BYTES", raising=False)
+    assert ServerSettings().prefix_cache_bytes == "auto" and ServerSettings().engine_config().prefix_cache_bytes is None
+    assert ServerSettings(prefix_cache_bytes=" Auto ").engine_config().prefix_cache_bytes is None
+    assert ServerSettings(prefix_cache_bytes="268435456").engine_config().prefix_cache_bytes == 268435456
+    assert ServerSettings(prefix_cache_bytes="0").engine_config().prefix_cache_bytes == 0
+    monkeypatch.setenv("AGENTPRM_PREFIX_CACHE_BYTES", "1048576")
+    assert ServerSettings().engine_config().prefix_cache_bytes == 2**20
+    monkeypatch.setenv("AGENTPRM_PREFIX_CACHE_BYTES", "auto")
+    assert ServerSettings().engine_config().prefix_cache_bytes is None
+    for bad in ("-1", "lots", "1.5"):
+        with pytest.raises(ValueError, match="expected auto or a number of bytes"):
+            ServerSettings(prefix_cache_bytes=bad)
+
+
+def test_engine_sizes_an_auto_cache_after_the_runner_is_built(tiny_checkpoint, monkeypatch):
+    """Auto reads the free memory once the model, the graphs and the backend hold theirs, and the runner uses the
+    cache the engine sized (a CPU engine: auto is the fixed size)."""
+    from service.engine.engine import PRMEngine
+
+    calls = []
+    real = device_setup.prefix_cache_bytes
+
+    def spy(configured, device, free_bytes=None):
+        calls.append(configured)
+        return real(configured, device, free_bytes)
+
+    monkeypatch.setattr(device_setup, "prefix_cache_bytes", spy)
+    engine = PRMEngine.from_checkpoint(tiny_checkpoint, EngineConfig(device="cpu"))
+    try:
+        assert calls == [None] and engine.cache.max_bytes == AUTO_PREFIX_CACHE_BYTES
+        assert engine.runner.cache is engine.cache
+    finally:
+        engine.close()
 
 
 def test_serving_buckets_reach_further_and_pad_less():
