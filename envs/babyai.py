@@ -136,6 +136,33 @@ def describe_view(env) -> str:
     return " ".join(sentences)
 
 
+_COLOURS = "red|green|blue|purple|yellow|grey"
+_TARGET = re.compile(rf"\b(?:the|a)\s+(?:({_COLOURS})\s+)?(ball|box|key|door)\b")
+_SEEN = re.compile(rf"an? (?:(?:open|closed|locked) )?({_COLOURS}) (ball|box|key|door) "
+                   r"(?:(\d+) steps? ahead)?(?: and )?(?:(\d+) steps? (left|right))?")
+_FACING = re.compile(rf"You are facing an? (?:(?:open|closed|locked) )?({_COLOURS}) (ball|box|key|door)\.")
+
+
+def target_side(task: str, observation: str) -> str | None:
+    """The side ("left" or "right") on which the object the task names first lies in the observation text, when
+    that is unambiguous: every in-view object matching it (colour where the task gives one, and type) lies to
+    that side, none straight ahead or in front. None when no match is in view or the matches disagree.
+    Reads the text `describe_view` writes, so it needs no environment state (evaluation records keep only text)."""
+    named = _TARGET.search(task)
+    if named is None:
+        return None
+    colour, kind = named.groups()
+    seen_part = observation.split(". ", 1)[0] if observation.startswith("You see ") else ""
+    sides = set()
+    for col, typ, _ahead, across, side in _SEEN.findall(seen_part):
+        if typ == kind and colour in (None, col):
+            sides.add(side if across else "ahead")
+    facing = _FACING.search(observation)
+    if facing and facing.group(2) == kind and colour in (None, facing.group(1)):
+        sides.add("ahead")
+    return sides.pop() if len(sides) == 1 and sides != {"ahead"} else None
+
+
 class BabyAITextEnv(TextEnv):
     """A BabyAI level behind the `TextEnv` interface (one minigrid instance, reused across episodes)."""
 

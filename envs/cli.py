@@ -12,6 +12,8 @@ epsilon out of range, a checkpoint trained on other data) prints one line and ex
     agentprm eval run [--checkpoint agentprm=DIR ...] [--out results/babyai] [--work .cache/babyai-eval]
         data -> train (pvm, orm, mc, and agentprm unless given) -> held-out samples -> serve each checkpoint
         -> Best-of-N and beam search -> results/babyai/README.md, bon.png, beam.png, summary.json
+    agentprm eval steps --checkpoint DIR [--test-levels --test-episodes --test-seed --json FILE]
+        the step-level check alone (top action optimal, the two turns ranked) for one checkpoint
     agentprm eval report [--out results/babyai]
         re-render README.md and the plots from summary.json (after editing analysis.md)
 """
@@ -152,6 +154,36 @@ def cmd_eval_run(args) -> int:
     return 0
 
 
+def cmd_eval_steps(args) -> int:
+    from pathlib import Path
+
+    from envs.evaluate import HeldoutConfig
+    from envs.pipeline import step_check
+
+    if not (Path(args.checkpoint) / "manifest.json").is_file():
+        print(f"agentprm: error: {args.checkpoint} is not a checkpoint (no manifest.json)", file=sys.stderr)
+        return 2
+    test = HeldoutConfig(levels=args.test_levels, episodes=args.test_episodes, seeds=args.test_seeds,
+                         seed_base=args.test_seed, horizon=args.horizon)
+    try:
+        result = step_check(args.checkpoint, test, args.threads)
+    except ValueError as exc:
+        print(f"agentprm: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    names = {"top_optimal": "top action is optimal", "top_expert": "top action is the expert's",
+             "turn_direction": "the optimal turn above the other", "turn_cued": "the same, target in view"}
+    print(f"{result['checkpoint']}: {result['states']} states ({result['turn_states']} with one optimal turn, "
+          f"{result['cued_states']} of them with the target in view) on {', '.join(result['levels'])}")
+    for figure, label in names.items():
+        r = result["rates"][figure]
+        others = "; ".join(f"{name} {values[figure]:.2f}" for name, values in result["baselines"].items()
+                           if figure in values)
+        print(f"  {label:34s} {r['rate']:.3f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] (n={r['n']})   {others}")
+    return 0
+
+
 def cmd_eval_report(args) -> int:
     from pathlib import Path
 
@@ -268,6 +300,18 @@ def register(subparsers) -> None:
                    f"[default: {','.join(f'{b}x{k}' for b, k in BEAMS)}]")
     p.add_argument("--out", default="results/babyai", help="results folder")
     p.set_defaults(func=cmd_eval_run)
+    p = sub.add_parser("steps", help="the step-level check alone for one checkpoint: does its top action match "
+                                     "the optimal one, does it rank the two turns, on held-out levels")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--test-levels", type=_levels, default=h.levels, help="comma-separated levels "
+                   f"[default: {','.join(h.levels)}]")
+    p.add_argument("--test-episodes", type=int, default=h.episodes, help=f"episodes per level [default: {h.episodes}]")
+    p.add_argument("--test-seeds", type=_ints, default=(), help="exact seeds, used on every level")
+    p.add_argument("--test-seed", type=int, default=h.seed_base, help="base seed of the episodes")
+    p.add_argument("--horizon", type=int, default=h.horizon)
+    p.add_argument("--threads", type=int, default=2, help="threads of the server [default: 2]")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval_steps)
     p = sub.add_parser("report", help="re-render README.md and the plots from --out/summary.json "
                                       "(and --out/analysis.md, the written interpretation, if present)")
     p.add_argument("--out", default="results/babyai", help="results folder")

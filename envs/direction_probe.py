@@ -34,18 +34,39 @@ def _phrase(color: str, kind: str, ahead: int, side: str, across: int) -> str:
     return f"a {color} {kind} " + " and ".join(parts)
 
 
-def probe_trajectory(rng: random.Random, distractors: int) -> dict:
-    color, kind, side = rng.choice(COLORS), rng.choice(KINDS), rng.choice(("left", "right"))
-    objects = [(color, kind, 0, side, rng.randint(1, 3))]
-    while len(objects) < 1 + distractors:
-        other = (rng.choice(COLORS), rng.choice(KINDS))
-        if other != (color, kind):
-            objects.append((*other, rng.randint(0, 3), rng.choice(("left", "right")), rng.randint(1, 3)))
+HISTORY_ACTIONS = ("turn left", "turn right", "move forward", "pick up", "drop", "toggle")
+
+
+def _observation(rng: random.Random, objects: list[tuple]) -> str:
     rng.shuffle(objects)
-    observation = (f"You see {', '.join(_phrase(*o) for o in objects)}. Walls: {_steps(rng.randint(2, 6), 'ahead')}, "
-                   f"{_steps(rng.randint(1, 3), rng.choice(('left', 'right')))}.")
+    return (f"You see {', '.join(_phrase(*o) for o in objects)}. Walls: {_steps(rng.randint(2, 6), 'ahead')}, "
+            f"{_steps(rng.randint(1, 3), rng.choice(('left', 'right')))}.")
+
+
+def _others(rng: random.Random, target: tuple[str, str], n: int) -> list[tuple]:
+    out = []
+    while len(out) < n:
+        other = (rng.choice(COLORS), rng.choice(KINDS))
+        if other != target:
+            out.append((*other, rng.randint(0, 3), rng.choice(("left", "right")), rng.randint(1, 3)))
+    return out
+
+
+def probe_trajectory(rng: random.Random, distractors: int, history: int = 0) -> dict:
+    """`history` earlier steps come first: random observations (the named object, when shown, on a random
+    side) and random actions, which do not change the outcome; only the last step's turn does."""
+    color, kind, side = rng.choice(COLORS), rng.choice(KINDS), rng.choice(("left", "right"))
+    steps = []
+    for _ in range(history):
+        objects = _others(rng, (color, kind), rng.randint(0, distractors))
+        if rng.random() < 0.5:
+            objects.append((color, kind, rng.randint(0, 3), rng.choice(("left", "right")), rng.randint(1, 3)))
+        steps.append({"observation": _observation(rng, objects) if objects else "You see no objects.",
+                      "action": rng.choice(HISTORY_ACTIONS)})
+    objects = [(color, kind, 0, side, rng.randint(1, 3)), *_others(rng, (color, kind), distractors)]
     action = rng.choice(("turn left", "turn right"))
-    return {"task": f"go to the {color} {kind}", "steps": [{"observation": observation, "action": action}],
+    steps.append({"observation": _observation(rng, objects), "action": action})
+    return {"task": f"go to the {color} {kind}", "steps": steps,
             "reward": float(action == f"turn {side}"), "meta": {"env": "direction-probe", "side": side}}
 
 
@@ -54,12 +75,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="JSONL file to write")
     p.add_argument("--n", type=int, default=2000, help="trajectories [default: 2000]")
     p.add_argument("--distractors", type=int, default=3, help="at most this many other objects [default: 3]")
+    p.add_argument("--history", type=int, default=0,
+                   help="random earlier steps before the decisive one (up to this many) [default: 0]")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.n < 1 or args.distractors < 0:
-        p.error("--n must be >= 1 and --distractors >= 0")
+    if args.n < 1 or args.distractors < 0 or args.history < 0:
+        p.error("--n must be >= 1, --distractors and --history >= 0")
     rng = random.Random(args.seed)
-    rows = [probe_trajectory(rng, rng.randint(0, args.distractors)) for _ in range(args.n)]
+    rows = [probe_trajectory(rng, rng.randint(0, args.distractors), rng.randint(0, args.history))
+            for _ in range(args.n)]
     Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"wrote {len(rows)} probe trajectories to {args.out}")
 

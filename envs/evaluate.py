@@ -223,23 +223,29 @@ def sample_episodes(episodes: list[tuple[str, int]], epsilon: float, n: int, hor
     return out
 
 
-def heldout_set(config: HeldoutConfig, train_file: Path | str | None, progress: bool = False) -> dict:
-    """Everything the verifiers are judged on (module docstring)."""
+def expert_test_states(config: HeldoutConfig, episodes: list[tuple[str, int]]) -> tuple[list[dict], list[dict]]:
+    """The expert's trajectories on `episodes` and the states of the step-level check (`expert_states`)."""
     from envs.verifiers import expert_states
 
-    episodes = heldout_episodes(config, train_file)
     expert = make_policy("expert")
     experts = []
     envs: dict[str, CappedBabyAIEnv] = {}
     for level, seed in episodes:
         env = envs.setdefault(level, CappedBabyAIEnv(level, config.horizon))
         experts.append(run_episode(env, expert, seed))
+    return experts, expert_states(experts, lambda level: CappedBabyAIEnv(level, config.horizon), expert)
+
+
+def heldout_set(config: HeldoutConfig, train_file: Path | str | None, progress: bool = False) -> dict:
+    """Everything the verifiers are judged on (module docstring)."""
+    episodes = heldout_episodes(config, train_file)
+    experts, states = expert_test_states(config, episodes)
     return {
         "episodes": episodes,
         "samples": sample_episodes(episodes, config.sample_epsilon, config.n_max, config.horizon, "sample", progress),
         "hard": sample_episodes(episodes, config.hard_epsilon, config.n_max, config.horizon, "hard", progress),
         "expert": experts,
-        "states": expert_states(experts, lambda level: CappedBabyAIEnv(level, config.horizon), expert),
+        "states": states,
     }
 
 

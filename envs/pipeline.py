@@ -25,7 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from envs.evaluate import CappedBabyAIEnv, DataConfig, HeldoutConfig, collect, heldout_set
+from envs.evaluate import (CappedBabyAIEnv, DataConfig, HeldoutConfig, collect, expert_test_states, heldout_episodes,
+                           heldout_set)
 from model_store.manifest import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,8 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
     from clients.sdk import PRMClient
     from envs.report import write_report
     from envs.summary import summarise
-    from envs.verifiers import ForwardChooser, RandomChooser, oracle_bon, shortest_bon, turn_states
+    from envs.verifiers import (ForwardChooser, RandomChooser, cue_rule_turns, cued_turn_states, oracle_bon,
+                                 shortest_bon, turn_states)
     from envs.base import derive_seed
 
     work, out = Path(config.work), Path(config.out)
@@ -248,6 +250,8 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
                  "levels": [level for level, _ in test["episodes"]],
                  "state_levels": [s["level"] for s in test["states"]],
                  "turn_levels": [test["states"][i]["level"] for i in turn_states(test["states"])],
+                 "cued_levels": [test["states"][i]["level"] for i in cued_turn_states(test["states"])],
+                 "cue_rule": cue_rule_turns(test["states"]),
                  "states": len(test["states"]),
                  "optimal_sizes": [len(s["optimal"]) for s in test["states"]],
                  "forward_optimal": [int("move forward" in s["optimal"]) for s in test["states"]],
@@ -265,6 +269,32 @@ def run_pipeline(config: EvalConfig, command: str = "") -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     write_report(summary, out)
     return summary
+
+
+def step_check(checkpoint: Path | str, test: HeldoutConfig, threads: int = 2) -> dict:
+    """The step-level check alone, for one checkpoint (`agentprm eval steps`): on the expert's states of the
+    held-out episodes, each figure of `step_discrimination` as a rate with its 95% interval, beside the
+    constant "move forward", a uniform pick (a coin flip between the turns) and the rule "turn toward the named
+    object". Serves the checkpoint on 127.0.0.1 like `run_pipeline`; a minute or two on a 2-core CPU."""
+    from clients.sdk import PRMClient
+    from envs.stats import rate
+    from envs.verifiers import cue_rule_turns, discrimination_baselines, step_discrimination, turn_states
+
+    _, states = expert_test_states(test, heldout_episodes(test, None))
+    with served(checkpoint, None, threads) as server, PRMClient(server.url, timeout=300.0) as prm:
+        found = step_discrimination(prm, states)
+    base = discrimination_baselines(states)
+    figures = ("top_optimal", "top_expert", "turn_direction", "turn_cued")
+    return {
+        "checkpoint": str(checkpoint), "levels": list(test.levels), "states": len(states),
+        "turn_states": len(turn_states(states)), "cued_states": len(found["turn_cued"]),
+        "rates": {f: rate(found[f]) for f in figures},
+        "baselines": {'"move forward" first': {"top_optimal": base["forward_optimal"],
+                                               "top_expert": base["forward_expert"]},
+                      "uniform pick": {"top_optimal": base["uniform_optimal"], "top_expert": base["uniform_expert"],
+                                       "turn_direction": 0.5, "turn_cued": 0.5},
+                      "rule: turn toward the named object": {"turn_cued": rate(cue_rule_turns(states))["rate"]}},
+    }
 
 
 def _share(flags) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 LABELS = {"agentprm": "AgentPRM", "pvm": "PVM", "orm": "ORM", "mc": "MC (Math-Shepherd)",
           "random": "random scores", "forward": "\"move forward\" first", "shortest": "shortest trajectory",
           "oracle": "oracle (any success)", "sampler": "sampling policy alone", "uniform": "uniform pick",
-          "expert": "expert"}
+          "expert": "expert", "cue_rule": "rule: turn toward the named object"}
 COLORS = {"agentprm": "tab:red", "pvm": "tab:blue", "orm": "tab:green", "mc": "tab:purple", "random": "tab:gray",
           "forward": "tab:brown", "shortest": "tab:olive", "oracle": "black", "sampler": "tab:cyan",
           "expert": "tab:orange"}
@@ -157,6 +157,9 @@ def render_readme(summary: dict, analysis: str | None = None) -> str:
     cfg, data, test = summary["config"], summary["data"], summary["test"]
     d, t, tr = cfg["data"], cfg["test"], cfg["train"]
     settings = [f"beam {b}x{k}" for b, k in cfg["beams"]]
+    step_figures = ["top_optimal", "top_expert", "turn_direction"] + (["turn_cued"] if "cued_levels" in test else [])
+    step_headers = ["top action is optimal", "top action is the expert's", "the optimal turn above the other",
+                    "the same, target in view"][:len(step_figures)]
     ns = [n for n in cfg["ns"] if n <= t["n_max"]]
     seeds_text = (f"seeds {', '.join(map(str, t['seeds']))} on every level" if t["seeds"]
                   else f"{t['episodes']} per level from seed base {t['seed_base']}")
@@ -184,7 +187,10 @@ def render_readme(summary: dict, analysis: str | None = None) -> str:
         f"optimal turn above the other\": at the {len(test.get('turn_levels', []))} of those states where exactly "
         "one of the two turns is optimal, is it scored strictly above the other turn (a coin flip gets 0.5; a "
         "model that scores an action by the state's value plus a bias for the action, blind to where the "
-        "target lies, cannot beat it).",
+        "target lies, cannot beat it)." + (" \"Target in view\": the "
+        f"{len(test['cued_levels'])} of those where the object the task names is in view on one side only, "
+        "so the observation itself says which turn is right (`envs.babyai.target_side`); the rule \"turn toward "
+        "the named object\" shows how often that reading is the optimal turn." if "cued_levels" in test else ""),
         f"- Beam search: B beams x K candidates *sampled* from the sampling policy (noisy expert, epsilon "
         f"{t['sample_epsilon']}), duplicates merged; the best B (beam, candidate) pairs by promise survive; the "
         "answer is the finished beam with the highest promise.",
@@ -197,11 +203,9 @@ def render_readme(summary: dict, analysis: str | None = None) -> str:
         "",
         "## Step-level discrimination on held-out levels",
         "",
-        *_table(summary, ["top_optimal", "top_expert", "turn_direction"],
-                ["top action is optimal", "top action is the expert's", "the optimal turn above the other"],
-                ("forward", "uniform", "random")),
+        *_table(summary, step_figures, step_headers, ("forward", "uniform", "random", "cue_rule")),
         "",
-        *_tests_table(summary, ["top_optimal", "turn_direction"], ("forward", "uniform", "random")),
+        *_tests_table(summary, [f for f in step_figures if f != "top_expert"], ("forward", "uniform", "random")),
         "",
         "## Step-level beam search",
         "",

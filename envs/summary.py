@@ -33,13 +33,15 @@ def _figures(records: dict) -> dict[str, list[float]]:
     return out
 
 
-STEP_FIGURES = ("top_optimal", "top_expert", "turn_direction")
+STEP_FIGURES = ("top_optimal", "top_expert", "turn_direction", "turn_cued")
 
 
 def _levels_for(figure: str, records: dict) -> list[str]:
     test = records["test"]
     if figure == "turn_direction":
         return test["turn_levels"]
+    if figure == "turn_cued":
+        return test["cued_levels"]
     return test["state_levels"] if figure in STEP_FIGURES else test["levels"]
 
 
@@ -56,6 +58,9 @@ def baseline_figures(records: dict) -> dict[str, dict[str, list[float]]]:
                       "top_expert": [1 / 6] * len(test["optimal_sizes"])}
     if test.get("turn_levels"):  # a coin flip between the two turns
         out["uniform"]["turn_direction"] = [0.5] * len(test["turn_levels"])
+    if test.get("cued_levels"):  # the coin flip, and the rule "turn toward the named object"
+        out["uniform"]["turn_cued"] = [0.5] * len(test["cued_levels"])
+        out.setdefault("cue_rule", {})["turn_cued"] = test["cue_rule"]
     return out
 
 

@@ -173,9 +173,28 @@ def turn_states(states: list[dict]) -> list[int]:
     return [i for i, s in enumerate(states) if ("turn left" in s["optimal"]) != ("turn right" in s["optimal"])]
 
 
+def cued_turn_states(states: list[dict]) -> list[int]:
+    """The `turn_states` at which the observation shows where to turn: the object the task names is in view on
+    one side only (`envs.babyai.target_side`). At the others (the object out of view, or matches on both
+    sides) only the history, if anything, says which turn is right."""
+    from envs.babyai import target_side
+
+    return [i for i in turn_states(states) if target_side(states[i]["task"], states[i]["observation"])]
+
+
+def cue_rule_turns(states: list[dict]) -> list[int]:
+    """At each `cued_turn_states` state, is "turn toward the named object" the optimal turn (0/1): what a
+    one-line rule reading the observation scores on the cued figure."""
+    from envs.babyai import target_side
+
+    return [int(f"turn {target_side(states[i]['task'], states[i]['observation'])}" in states[i]["optimal"])
+            for i in cued_turn_states(states)]
+
+
 def step_discrimination(chooser, states: list[dict]) -> dict[str, list[int]]:
     """{"top_optimal": [0/1 per state], "top_expert": [0/1 per state], "top": [action per state],
-    "turn_direction": [0/1 per state of `turn_states`: the optimal turn scored strictly above the other]}."""
+    "turn_direction": [0/1 per state of `turn_states`: the optimal turn scored strictly above the other],
+    "turn_cued": the same at the states of `cued_turn_states` only}."""
     top_optimal, top_expert, tops = [], [], []
     turn_right_of: dict[int, bool] = {}
     left, right = ACTIONS.index("turn left"), ACTIONS.index("turn right")
@@ -194,8 +213,11 @@ def step_discrimination(chooser, states: list[dict]) -> dict[str, list[int]]:
             top_expert.append(int(top == state["expert"]))
             if promises[left].promise != promises[right].promise:
                 turn_right_of[index[id(state)]] = promises[right].promise > promises[left].promise
-    turn = [int(turn_right_of.get(i) == ("turn right" in states[i]["optimal"])) for i in turn_states(states)]
-    return {"top_optimal": top_optimal, "top_expert": top_expert, "top": tops, "turn_direction": turn}
+    def turn(indices):
+        return [int(turn_right_of.get(i) == ("turn right" in states[i]["optimal"])) for i in indices]
+
+    return {"top_optimal": top_optimal, "top_expert": top_expert, "top": tops,
+            "turn_direction": turn(turn_states(states)), "turn_cued": turn(cued_turn_states(states))}
 
 
 def discrimination_baselines(states: list[dict]) -> dict[str, float]:

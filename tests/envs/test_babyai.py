@@ -237,3 +237,41 @@ def test_bad_configuration_is_refused():
         corridor = Corridor()
         corridor.reset(0)
         ExpertPolicy().act(corridor)
+
+
+def test_target_side_reads_where_the_named_object_is_from_the_text_alone():
+    """`target_side(task, observation)` (what the evaluation's "target in view" turn states rest on) agrees with
+    the world: the objects the mission refers to (minigrid's own obj_set), placed relative to the agent, among
+    those the observation lists (or the one in front)."""
+    from envs.babyai import target_side
+
+    found = set()
+    for level in ("BabyAI-GoToLocal-v0", "BabyAI-GoToRedBall-v0", "BabyAI-OpenDoorColor-v0", "BabyAI-GoToDoor-v0",
+                  "BabyAI-PickupDist-v0"):
+        env = BabyAITextEnv(level)
+        policy = NoisyExpertPolicy(0.5, seed=2)
+        for seed in range(4):
+            observation = env.reset(seed)
+            policy.reset(seed)
+            for _ in range(12):
+                u = env.minigrid
+                shown = {(a, r) for _, a, r in listed_objects(observation)}
+                if (1, 0) in visible_cells(env):
+                    shown.add((1, 0))
+                sides = set()
+                for obj in u.instrs.desc.obj_set:
+                    if obj.cur_pos is None or obj is u.carrying:
+                        continue
+                    rel = (obj.cur_pos[0] - u.agent_pos[0], obj.cur_pos[1] - u.agent_pos[1])
+                    ahead = int(rel[0] * u.dir_vec[0] + rel[1] * u.dir_vec[1])
+                    right = int(rel[0] * u.right_vec[0] + rel[1] * u.right_vec[1])
+                    if (ahead, right) in shown:
+                        sides.add("ahead" if right == 0 else "right" if right > 0 else "left")
+                expected = sides.pop() if len(sides) == 1 and sides != {"ahead"} else None
+                assert target_side(env.task, observation) == expected, (env.task, observation, expected)
+                found.add(expected)
+                outcome = env.step(policy.act(env))
+                if outcome.done:
+                    break
+                observation = outcome.observation
+    assert found == {"left", "right", None}

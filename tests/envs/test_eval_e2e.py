@@ -108,3 +108,28 @@ def test_a_checkpoint_is_reused_only_for_the_same_command_on_the_same_data(run, 
     ckpt = Path(summary["runs"][0]["checkpoint"])
     assert not trained_before(ckpt, other_data, config.command("agentprm", data, ckpt, 0))
     assert not trained_before(tmp_path / "missing", data, config.command("agentprm", data, tmp_path / "missing", 0))
+
+
+def test_eval_steps_reproduces_the_runs_step_level_check_for_one_checkpoint(run, tmp_path):
+    """`agentprm eval steps` (the step-level check alone) on the run's test episodes gives the same figures
+    as the whole evaluation gave that checkpoint, and says in one line when the folder is not a checkpoint."""
+    _, _, summary = run
+    first = summary["runs"][0]
+    out = tmp_path / "steps.json"
+    proc = subprocess.run([sys.executable, "-m", "envs.cli", "eval", "steps", "--checkpoint", first["checkpoint"],
+                           "--test-levels", ",".join(TEST_LEVELS), "--test-episodes", "2", "--horizon", "12",
+                           "--threads", "1", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    steps = json.loads(out.read_text())
+    assert steps["states"] == summary["test"]["states"]
+    assert steps["turn_states"] == len(summary["test"]["turn_levels"])
+    assert steps["cued_states"] == len(summary["test"]["cued_levels"]) == len(summary["test"]["cue_rule"])
+    for figure in ("top_optimal", "top_expert", "turn_direction", "turn_cued"):
+        # a figure with no states (no turn state among these few) is left out of the run's rates
+        assert steps["rates"][figure]["successes"] == first["rates"].get(figure, {"successes": 0})["successes"]
+        assert steps["rates"][figure]["n"] == first["rates"].get(figure, {"n": 0})["n"], figure
+    assert "top action is optimal" in proc.stdout and "\"move forward\" first" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "envs.cli", "eval", "steps", "--checkpoint", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a checkpoint" in bad.stderr and "Traceback" not in bad.stderr

@@ -249,16 +249,59 @@ def test_direction_probe_rewards_turning_toward_the_named_object(tmp_path):
     from envs.direction_probe import main, probe_trajectory
 
     rng = random.Random(3)
+    lengths = set()
     for _ in range(200):
-        row = probe_trajectory(rng, 3)
-        step = row["steps"][0]
+        row = probe_trajectory(rng, 3, history=rng.randint(0, 4))
+        lengths.add(len(row["steps"]))
+        step = row["steps"][-1]  # the decisive step; earlier ones are random and do not change the outcome
         target = row["task"].removeprefix("go to the ")
         mention = next(p for p in step["observation"].removeprefix("You see ").split(". Walls")[0].split(", ")
                        if p.startswith(f"a {target} "))
         assert "ahead" not in mention and mention.endswith(row["meta"]["side"])  # purely to one side
         assert row["reward"] == float(step["action"].endswith(row["meta"]["side"]))
         assert step["observation"].count(f"a {target} ") == 1  # no distractor is the target itself
+    assert lengths == {1, 2, 3, 4, 5}
     out = tmp_path / "probe.jsonl"
-    main(["--out", str(out), "--n", "50", "--seed", "1"])
+    main(["--out", str(out), "--n", "50", "--seed", "1", "--history", "3"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 50 and 0 < sum(r["reward"] for r in rows) < 50
+    assert max(len(r["steps"]) for r in rows) == 4 and min(len(r["steps"]) for r in rows) == 1
+
+
+def test_cued_turn_states_are_the_turn_states_whose_observation_shows_the_target_on_one_side():
+    """"Target in view": only turn states where the named object is listed on one side count, and the rule
+    "turn toward it" is scored against the optimal turn there (it can be wrong: the expert's path may differ)."""
+    from envs.verifiers import cue_rule_turns, cued_turn_states
+
+    rows = [("go to the red ball", "You see a red ball 2 steps left.", ["turn left"]),  # cued, rule right
+            ("go to the red ball", "You see no objects. Walls: 3 steps ahead.", ["turn right"]),  # not in view
+            ("go to a key", "You see a blue key 1 step right, a red key 2 steps left.", ["turn left"]),  # both sides
+            ("go to a key", "You see a blue key 1 step ahead and 2 steps right.", ["turn left"]),  # cued, rule wrong
+            ("go to the red ball", "You see a red ball 1 step left.", ["turn left", "turn right"]),  # not a turn state
+            ("open the red door", "You see a red ball 1 step right. You are facing a locked red door.", ["toggle"])]
+    states = [{"level": "L", "seed": 1, "task": task, "steps": [], "observation": obs, "expert": opt[0],
+               "optimal": opt} for task, obs, opt in rows]
+    assert cued_turn_states(states) == [0, 3]
+    assert cue_rule_turns(states) == [1, 0]
+
+    class Scores:  # prefers "turn right" everywhere
+        def beam_expand(self, beams, beam_width):
+            return SimpleNamespace(candidates=[[SimpleNamespace(promise=0.7 if a == "turn right" else 0.5)
+                                                for a in b["candidates"]] for b in beams])
+
+    result = step_discrimination(Scores(), states)
+    assert result["turn_direction"] == [0, 1, 0, 0] and result["turn_cued"] == [0, 0]
+
+
+def test_summary_sets_the_cued_turns_against_a_coin_flip_and_the_cue_rule():
+    test = {"levels": ["L1"], "state_levels": ["L1"] * 2, "turn_levels": ["L1", "L1"], "cued_levels": ["L1", "L2"],
+            "cue_rule": [1, 1], "optimal_sizes": [1] * 2, "forward_optimal": [0] * 2, "forward_expert": [0] * 2}
+    records = {"config": {"beams": []}, "test": test, "baselines": {},
+               "runs": [{"method": "agentprm", "seed": 0,
+                         "records": {"steps": {"top_optimal": [1, 1], "top_expert": [1, 1],
+                                               "turn_direction": [1, 0], "turn_cued": [1, 0]}}}]}
+    summary = summarise(records)
+    cued = summary["methods"]["agentprm"]["turn_cued"]
+    assert cued["paired"]["uniform"]["diff"] == 0.0 and cued["paired"]["cue_rule"]["diff"] == -0.5
+    assert cued["per_level"]["L2"]["rate"] == 0.0
+    assert summary["baseline_rates"]["cue_rule"]["turn_cued"]["rate"] == 1.0
