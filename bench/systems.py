@@ -7,7 +7,8 @@ the response into an `Outcome`: canonical promises (see bench.workloads), the pr
 the tokens it actually computed. Peers without a rerank or beam API are sent every candidate's full
 sequence and the ranking is computed on the client (as a user of that peer would).
 
-- `ours`: `agentprm serve` (our engine, HTTP API in README.md) with its defaults (`--dtype auto`); computed
+- `ours`: `agentprm serve` (our engine, HTTP API in README.md) with its defaults (`--dtype auto`) except the
+  request deadline, raised from 30 s to the bench client's 900 s (`DEADLINE_FLAGS`: the peers have none); computed
   tokens = usage.computed_tokens. `ours-fp32`: the same with `--dtype float32` (W1 and the long cell only,
   when ours runs in another dtype): what `auto` gains.
 - `ours-vllm`: `agentprm serve --backend vllm` (our API in front of a managed vLLM server, LAST pooling; the
@@ -125,6 +126,12 @@ class System:
         self.info["start_s"] = round(self.server.start_s, 1)
 
 
+# Our server drops a request after 30 s by default (a safety default: 504 deadline_exceeded); the vLLM peers have no
+# such deadline, and a closed loop of 32 large W3 calls queues longer than 30 s on 2 cores. In the bench our
+# deadline is the client's own timeout (HarnessConfig.request_timeout_s), so every system waits as long.
+DEADLINE_FLAGS = ("--request-timeout-s", "900", "--max-request-timeout-s", "900")
+
+
 class Ours(System):
     name = "ours"
     stateful = True
@@ -135,7 +142,7 @@ class Ours(System):
         dtype = ["--dtype", self.dtype] if self.dtype else []
         self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
                       "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
-                      *dtype], "/ready")
+                      *DEADLINE_FLAGS, *dtype], "/ready")
         card = httpx.get(self.url + "/v1/models", timeout=30).json()["data"][0]
         self.info["dtype"] = card.get("dtype", "float32")
 
@@ -284,7 +291,7 @@ class OursVllm(Ours):
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": Vllm.THREADS_BIND, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
         self._launch([sys.executable, "-m", "service.cli", "serve", "--model", str(self.checkpoint),
                       "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", "--log-level", "warning",
-                      "--backend", "vllm", "--vllm-python", str(vp.vllm_python()), "--vllm-dtype", dtype],
+                      *DEADLINE_FLAGS, "--backend", "vllm", "--vllm-python", str(vp.vllm_python()), "--vllm-dtype", dtype],
                      "/ready", timeout_s=1500, env=env)
         self.info.update(backend="vllm", pooling="last", dtype=dtype, threads_bind=Vllm.THREADS_BIND)
 
